@@ -1,0 +1,309 @@
+"""The Wan2.2 diffusion transformer (DiT): the denoiser of T2V/I2V-A14B (each expert) and TI2V-5B.
+
+Parameter names are those of the official ``WanModel`` so released checkpoints load with
+``load_state_dict(strict=True)`` and no remapping. The numerics follow the official code (timestep
+sinusoid in float64, float32 time embedding / modulation / residual stream, qk RMSNorm over the
+whole width, 3-axis RoPE) but the structure is ours: batched tensors, real cos/sin RoPE tables
+cached per grid, one modulation row per sample when all tokens share a timestep, and a
+``block_stack_hook`` seam for step-caching patches.
+
+dtype policy: linear and conv layers run in their weight dtype (bf16 on GPU); norms, the time
+embedding, every modulation and the head run in float32; the residual stream stays float32.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODEL_TYPES = ("t2v", "i2v", "ti2v")
+ROPE_THETA = 10000.0
+SINUSOID_BASE = 10000.0
+
+BlockStackHook = Callable[[Tensor, Callable[[Tensor], Tensor]], Tensor]
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    model_type: str
+    in_dim: int
+    out_dim: int
+    dim: int
+    ffn_dim: int
+    num_heads: int
+    num_layers: int
+    freq_dim: int = 256
+    text_len: int = 512
+    eps: float = 1e-6
+    text_dim: int = 4096
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even width")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @classmethod
+    def from_config_json(cls, path) -> DiTConfig:
+        """Read an official ``config.json``. Like the official loader (diffusers ``ignore_for_config``),
+        text_dim, patch_size, qk_norm, cross_attn_norm and window_size are ignored even when listed."""
+        raw = json.loads(Path(path).read_text())
+        required = ("model_type", "in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers")
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise ValueError(f"{path}: DiT config lacks {', '.join(missing)}")
+        optional = ("freq_dim", "text_len", "eps")
+        return cls(**{k: raw[k] for k in required + optional if k in raw})
+
+    def flops_per_forward(self, tokens: int, text_tokens: int = 512) -> int:
+        """Matmul FLOPs (2 per multiply-add) of one forward of one sample with `tokens` video tokens.
+
+        Counts the linear layers and both attentions; the per-sample time embedding, norms and
+        element-wise work are left out (they are negligible at video sizes)."""
+        d, L, Lc = self.dim, tokens, text_tokens
+        patch_in = self.in_dim * math.prod(self.patch_size)
+        per_block = (
+            2 * L * 4 * d * d  # self-attention q, k, v, o
+            + 4 * L * L * d  # self-attention scores and weighted sum
+            + 2 * L * 2 * d * d + 2 * Lc * 2 * d * d  # cross-attention q, o and k, v
+            + 4 * L * Lc * d  # cross-attention scores and weighted sum
+            + 2 * L * 2 * d * self.ffn_dim  # FFN
+        )
+        embed = 2 * L * patch_in * d + 2 * self.text_len * (self.text_dim * d + d * d)
+        head = 2 * L * d * self.out_dim * math.prod(self.patch_size)
+        return embed + self.num_layers * per_block + head
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
+    """[cos | sin] embedding of timesteps [...] -> [..., dim] float32, computed in float64 as the
+    official code does (int64 timesteps near 1000 lose digits in float32)."""
+    half = dim // 2
+    freqs = SINUSOID_BASE ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.to(torch.float64)[..., None] * freqs  # [..., half]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [..., dim]
+
+
+def rope_tables(grid: tuple[int, int, int], head_dim: int) -> tuple[Tensor, Tensor]:
+    """Real RoPE tables for tokens in row-major (f, h, w) order: cos, sin [L, head_dim // 2] float32.
+
+    The head_dim/2 rotation frequencies are split over the (F, H, W) axes as [c - 2(c//3), c//3, c//3];
+    each axis has its own frequency ladder theta^(-2i/d_axis). Angles are formed in float64 so the
+    tables equal the official complex128 ones rounded once to float32."""
+    c = head_dim // 2
+    axis_angles = []
+    for size, n in zip(grid, (c - 2 * (c // 3), c // 3, c // 3), strict=True):
+        inv_freq = 1.0 / ROPE_THETA ** (torch.arange(0, 2 * n, 2, dtype=torch.float64) / (2 * n))
+        axis_angles.append(torch.outer(torch.arange(size, dtype=torch.float64), inv_freq))  # [size, n]
+    f, h, w = grid
+    angles = torch.cat([
+        axis_angles[0][:, None, None].expand(f, h, w, -1),
+        axis_angles[1][None, :, None].expand(f, h, w, -1),
+        axis_angles[2][None, None, :].expand(f, h, w, -1),
+    ], dim=-1).reshape(f * h * w, c)  # [L, c]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate adjacent channel pairs (2i, 2i+1) of x [B, N, L, D] by the angles of cos/sin [L, D/2];
+    float32 result."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [B, N, L, D/2] each
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)
+
+
+class FP32Linear(nn.Linear):
+    """A Linear that always computes in float32, whatever its weight dtype: used for the time
+    embedding, the time projection and the head, which the official model runs in float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.float(), self.weight.float(), self.bias.float())
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (affine weights upcast); returns float32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32, then scale in the input dtype: the official order of roundings.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over itself (self-attention, with RoPE) or over a context
+    (cross-attention). q/k RMSNorm spans the whole width, before the split into heads."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(self, x: Tensor, context: Tensor | None = None,
+                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        dtype = self.q.weight.dtype
+        x = x.to(dtype)
+        kv = x if context is None else context.to(dtype)
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, L, D]
+        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, Lk, D]
+        v = self.v(kv).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, Lk, D]
+        if rope is not None:
+            q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, N, L, D]
+        return self.o(out.transpose(1, 2).flatten(2))  # [B, L, dim]
+
+
+class DiTBlock(nn.Module):
+    """Modulated self-attention, unmodulated cross-attention to the text, modulated FFN; each
+    branch adds into the float32 residual stream (the two modulated ones through a gate)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.eps)
+        self.norm3 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.eps)
+        self.norm2 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x: Tensor, mod: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+        """x [B, L, dim] fp32; mod [B, Lt, 6, dim] fp32 with Lt 1 (shared timestep) or L (per token);
+        context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32."""
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (
+            self.modulation.float() + mod).unbind(2)  # 6 x [B, Lt, dim]
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope=rope)  # [B, L, dim]
+        x = x + y.float() * gate_sa
+        x = x + self.cross_attn(self.norm3(x), context).float()
+        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn).to(self.ffn[0].weight.dtype))
+        return x + y.float() * gate_ffn
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = FP32LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = FP32Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        """x [B, L, dim], e (time embedding, not its projection) [B, Lt, dim] -> [B, L, p*q*r*out_dim]."""
+        shift, scale = (self.modulation.float() + e.unsqueeze(2)).unbind(2)  # 2 x [B, Lt, dim]
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(FP32Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            FP32Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        # Not buffers: a meta-built model must load with assign=True, and .to(bf16) must not touch them.
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+        key = (grid, device)
+        if key not in self._rope_cache:
+            cos, sin = rope_tables(grid, self.config.head_dim)
+            self._rope_cache[key] = (cos.to(device), sin.to(device))
+        return self._rope_cache[key]
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
+                block_stack_hook: BlockStackHook | None = None) -> Tensor:
+        """x [B, C_x, F, H, W] latents; y optional [B, C_y, F, H, W] conditioning (I2V: mask + image
+        latent), concatenated on channels; t [B] (one timestep per sample) or [B, L] (per token);
+        context [B, Lc, text_dim], Lc <= text_len, rows past a prompt's end zero.
+        block_stack_hook(tokens, run_blocks) replaces the call run_blocks(tokens) of the block stack.
+        Returns the prediction [B, out_dim, F, H, W] float32."""
+        cfg = self.config
+        if y is not None:
+            x = torch.cat([x, y], dim=1)  # [B, in_dim, F, H, W]
+        self._check_inputs(x, t, context)
+        B, _, F_, H_, W_ = x.shape
+        pf, ph, pw = cfg.patch_size
+        grid = (F_ // pf, H_ // ph, W_ // pw)
+
+        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
+        x = x.flatten(2).transpose(1, 2).float()  # [B, L, dim], row-major (f, h, w)
+
+        # A [B] timestep is shared by all tokens: one modulation row per sample, broadcast over L.
+        t = t[:, None] if t.dim() == 1 else t  # [B, Lt]
+        e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim))  # [B, Lt, dim] fp32
+        mod = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, Lt, 6, dim] fp32
+
+        # Official behaviour: pad with zeros to text_len BEFORE the embedding MLP, and attend to the
+        # padded rows unmasked (they become the constant text_embedding(0)).
+        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))  # [B, text_len, text_dim]
+        context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, text_len, dim]
+
+        rope = self.rope(grid, x.device)
+
+        def run_blocks(tokens: Tensor) -> Tensor:
+            for block in self.blocks:
+                tokens = block(tokens, mod, context, rope)
+            return tokens
+
+        x = block_stack_hook(x, run_blocks) if block_stack_hook is not None else run_blocks(x)
+        x = self.head(x, e)  # [B, L, p*q*r*out_dim] fp32
+        return self.unpatchify(x, grid)
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """[B, L, p*q*r*C] with features ordered (p, q, r, C), C fastest -> [B, C, f*p, h*q, w*r]."""
+        f, h, w = grid
+        p, q, r = self.config.patch_size
+        x = x.reshape(x.shape[0], f, h, w, p, q, r, self.config.out_dim)  # [B, f, h, w, p, q, r, C]
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, f, p, h, q, w, r]
+        return x.reshape(x.shape[0], self.config.out_dim, f * p, h * q, w * r)
+
+    def _check_inputs(self, x: Tensor, t: Tensor, context: Tensor) -> None:
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
+            raise ValueError(f"expected latents (+ y) [B, {cfg.in_dim}, F, H, W], got {tuple(x.shape)}")
+        (F_, H_, W_), (pf, ph, pw) = x.shape[2:], cfg.patch_size
+        if F_ % pf or H_ % ph or W_ % pw:
+            raise ValueError(f"latent grid {(F_, H_, W_)} is not divisible by patch {cfg.patch_size}")
+        tokens = (F_ // pf) * (H_ // ph) * (W_ // pw)
+        if t.shape not in ((x.shape[0],), (x.shape[0], tokens)):
+            raise ValueError(f"t must be [B] or [B, L] = [{x.shape[0]}, {tokens}], got {tuple(t.shape)}")
+        if context.dim() != 3 or context.shape[1] > cfg.text_len or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [B, <= {cfg.text_len}, {cfg.text_dim}], "
+                             f"got {tuple(context.shape)}")
