@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 from wan_engine.dit import DiTConfig, WanDiT  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+SMOKE = dict(A14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2)   # --smoke: check the script on a CPU
 
 
 def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
@@ -51,12 +53,13 @@ def timed(fn, repeats: int) -> tuple[list[float], torch.Tensor]:
     out = fn()  # warm-up
     times = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     return times, out
 
 
@@ -67,9 +70,12 @@ def main() -> None:
     ap.add_argument("--timestep", type=int, default=900)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--smoke", action="store_true", help="toy width on the CPU, to check the script itself")
     args = ap.parse_args()
+    arch = SMOKE if args.smoke else A14B
+    wdtype = torch.float32 if args.smoke else torch.bfloat16
     w, h = (int(v) for v in args.size.split("*"))
-    dev = torch.device("cuda")
+    dev = torch.device("cpu" if args.smoke else "cuda")
     torch.manual_seed(0)
 
     from official import load_official
@@ -77,9 +83,9 @@ def main() -> None:
     W = load_official()
     W.m_model.flash_attention = sdpa_attention
     with torch.device("meta"):
-        official = W.WanModel(**A14B)
+        official = W.WanModel(**arch)
     with torch.device("meta"):
-        ours = WanDiT(DiTConfig(**A14B))
+        ours = WanDiT(DiTConfig(**arch))
     gen = torch.Generator(device=dev).manual_seed(0)
     sd = {}
     for name, p in ours.state_dict().items():
@@ -92,7 +98,7 @@ def main() -> None:
             t = 0.05 * t
         else:
             t = 1 + 0.1 * t
-        sd[name] = t.to(torch.bfloat16)
+        sd[name] = t.to(wdtype)
     official.load_state_dict(sd, assign=True, strict=True)
     ours.load_state_dict(sd, assign=True, strict=True)
     _rebuild_freqs(W, official, dev)
@@ -102,11 +108,11 @@ def main() -> None:
     lat = (16, (args.frames - 1) // 4 + 1, h // 8, w // 8)
     tokens = lat[1] * lat[2] * lat[3] // 4
     x = torch.randn(lat, generator=gen, device=dev)
-    ctx = torch.randn(120, 4096, generator=gen, device=dev).to(torch.bfloat16)
+    ctx = torch.randn(120, 4096, generator=gen, device=dev).to(wdtype)
     t = torch.tensor([args.timestep], device=dev)
 
     def run_official():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             return official([x], t=t, context=[ctx], seq_len=tokens)[0]
 
     def run_ours():
@@ -115,15 +121,16 @@ def main() -> None:
 
     results = {}
     for name, fn in (("official", run_official), ("ours", run_ours)):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         times, out = timed(fn, args.repeats)
-        results[name] = dict(seconds=statistics.median(times), all=times,
-                             peak_gb=torch.cuda.max_memory_allocated() / 1e9, out=out.float())
+        peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
+        results[name] = dict(seconds=statistics.median(times), all=times, peak_gb=peak, out=out.float())
     err = ((results["ours"]["out"] - results["official"]["out"]).norm()
            / results["official"]["out"].norm()).item()
-    flops = DiTConfig(**A14B).flops_per_forward(tokens) if hasattr(DiTConfig, "flops_per_forward") else None
-    card = torch.cuda.get_device_name()
+    flops = DiTConfig(**arch).flops_per_forward(tokens)
+    card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)"
     print(f"\n{card}, torch {torch.__version__}, {w}x{h}, {args.frames} frames, {tokens} tokens, t={args.timestep}")
     print(f"{'model':<10} {'median s':>9} {'peak GB':>8} {'TFLOP/s':>8}")
     for name in ("official", "ours"):
