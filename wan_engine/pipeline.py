@@ -48,7 +48,7 @@ class BlockCall:
     step: int
     timestep: int
     expert: str
-    branch: str  # "cond" | "uncond"
+    branches: tuple[str, ...]  # the rows of the batch, in order: ("cond",), ("uncond",) or ("cond", "uncond")
 
 
 BlockStackHook = Callable[[BlockCall, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -260,7 +260,7 @@ class WanPipeline:
             g = guide_scale[1] if name == HIGH_NOISE else guide_scale[0]
             preds = {}
             for branch, ctx in contexts.items():
-                hook = self._bind_hook(BlockCall(i, t, name, branch))
+                hook = self._bind_hook(BlockCall(i, t, name, (branch,)))
                 preds[branch] = dit(latents, t_device[i:i + 1], ctx, y=cond_y, block_stack_hook=hook)
             velocity = preds["uncond"] + g * (preds["cond"] - preds["uncond"])
             latents = sampler.step(velocity, latents)

@@ -116,6 +116,6 @@ def test_block_stack_hook_sees_every_call(t2v_pipe):
     finally:
         t2v_pipe.block_stack_hook = None
     assert torch.equal(plain.latents, hooked.latents)
-    assert [(c.step, c.branch) for c in calls] == [(s, b) for s in range(3) for b in ("cond", "uncond")]
+    assert [(c.step, c.branches) for c in calls] == [(s, (b,)) for s in range(3) for b in ("cond", "uncond")]
     assert {c.expert for c in calls} <= {"high_noise", "low_noise"}
     assert len(t2v_pipe.repeated_blocks()) == 2 * 2   # two experts x two tiny blocks
