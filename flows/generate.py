@@ -1,0 +1,50 @@
+"""The `generate-video` flow: one request in, one published MP4 out, as six visible tasks.
+
+detect-gpus -> allocate-gpus -> [warm-up-compile -> denoise -> encode] -> publish. The
+bracketed GPU phase runs while the run holds its GPUs' concurrency slots; they are given
+back when it ends, whether it succeeded, failed (a CUDA OOM included) or was cancelled.
+
+    python -m flows.generate '{"task": "tiny", "prompt": "a lighthouse at dusk", "duration_s": 1}'
+"""
+from __future__ import annotations
+
+import secrets
+import sys
+
+from prefect import flow
+from prefect.states import Cancelled, State
+
+from flows.request import GenerationRequest
+from flows.settings import get_settings
+from tasks.allocate import allocate_gpus, hold_gpus
+from tasks.denoise import denoise
+from tasks.encode import encode
+from tasks.gpus import detect_gpus
+from tasks.publish import Published, publish
+from tasks.warmup import warm_up_compile
+
+
+@flow(name="generate-video")
+def generate_video(request: GenerationRequest) -> Published | State:
+    """Generate the requested video on the GPUs its strategy allows and publish it."""
+    settings = get_settings()
+    profile = detect_gpus(settings.gpu_inventory)
+    allocation = allocate_gpus(profile, request.strategy, settings.gpu_tag_base, request.gpu_ids,
+                               request.gpus_per_job, request.checkpoint, settings.gpu_poll_seconds,
+                               settings.gpu_lease_seconds)
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    gpus = len(allocation.gpus)
+    with hold_gpus(allocation):
+        warm_up_compile(request.tier, allocation.device)
+        denoised = denoise(request.checkpoint, allocation.device, request.prompt, request.negative_prompt,
+                           request.image, request.size, request.frame_count, request.steps, request.shift,
+                           request.guide_scale, request.solver, seed, gpus)
+        if isinstance(denoised, State):  # the run was cancelled between two steps
+            return Cancelled(message=f"cancelled during denoising, GPUs released: {denoised.message}")
+        video = encode(denoised.latents, request.checkpoint, allocation.device, request.spec.fps, request.size,
+                       gpus)
+    return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir))
+
+
+if __name__ == "__main__":
+    generate_video(GenerationRequest.model_validate_json(sys.argv[1]) if len(sys.argv) > 1 else GenerationRequest())

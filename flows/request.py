@@ -1,0 +1,193 @@
+"""`GenerationRequest`: one video to generate, validated before any GPU work.
+
+It is the parameter of the `generate-video` flow, so its JSON schema is what the Prefect UI
+renders: Literal fields become dropdowns and `Field(ge=, le=)` number ranges. Everything a
+run cannot satisfy fails at construction with the field, the value and what is allowed:
+an unknown task, a size the task does not offer, a duration outside the range for this
+hardware, an I2V request without an image, a missing checkpoint folder.
+
+Defaults that depend on the task (size, steps, shift, frame count) are filled in, so the
+validated request is the complete record of what was asked for.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+from flows.settings import Strategy, Tier, get_settings
+from tasks.gpus import GpuProfile, read_gpu_profile
+from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
+
+TaskName = Literal[tuple(MODEL_SPECS)]  # type: ignore[valid-type]
+SizeName = Literal[tuple(dict.fromkeys(s for spec in MODEL_SPECS.values() for s in spec.size_names()))]  # type: ignore[valid-type]
+Solver = Literal["unipc", "dpm++", "euler"]
+
+DEFAULT_DURATION_RANGE = (2.0, 10.0)
+TINY_DURATION_RANGE = (0.25, 10.0)  # test models: as short as 5 frames, so CPU runs take seconds
+HIGH_VRAM_RANGES = {"720p": (5.0, 21.0), "480p": (5.0, 33.0)}  # A14B on GPUs with >= 80 GB
+HIGH_VRAM_TASKS = ("t2v-A14B", "i2v-A14B")
+
+
+def release_folder(task: str) -> str:
+    """The folder name of a task's official release, e.g. t2v-A14B -> Wan2.2-T2V-A14B."""
+    kind, size = task.split("-", 1)
+    return f"Wan2.2-{kind.upper()}-{size}"
+
+
+def duration_range(spec: ModelSpec, size: tuple[int, int], profile: GpuProfile) -> tuple[float, float]:
+    """Seconds of video a task may generate at `size` on this hardware (DESIGN.md "Durations")."""
+    if spec.name in TINY_PRESETS:
+        return TINY_DURATION_RANGE
+    if spec.name in HIGH_VRAM_TASKS and profile.high_vram:
+        return HIGH_VRAM_RANGES["720p" if min(size) >= 720 else "480p"]
+    return DEFAULT_DURATION_RANGE
+
+
+def _default_task(profile: GpuProfile) -> str:
+    settings = get_settings()
+    if settings.default_task:
+        return settings.default_task
+    root = settings.checkpoint_root
+    if profile.gpus and not profile.simulated and root and (root / release_folder("t2v-A14B")).is_dir():
+        return "t2v-A14B"
+    return "tiny"
+
+
+class GenerationRequest(BaseModel):
+    """What to generate, how, and on which GPUs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: TaskName | None = Field(None, description="Model and task; unset: WAN_DEFAULT_TASK, else tiny without a GPU.")
+    prompt: str = Field(
+        "a red fox trotting through fresh snow, cinematic lighting", min_length=1, description="What the video shows."
+    )
+    negative_prompt: str = Field("", description="Empty: the official default negative prompt.")
+    image: str | None = Field(None, description="First frame (image file) for I2V tasks.")
+    size: SizeName | None = Field(None, description="W*H; unset: the task's first size.")
+    duration_s: float | None = Field(None, gt=0, le=60, description="Video length; frames are 4k+1 at the task fps.")
+    frame_count: int | None = Field(None, ge=5, le=1001, description="Exact frame count (4k+1), instead of duration_s.")
+    steps: int | None = Field(None, ge=1, le=200, description="Sampling steps; unset: the task's default.")
+    shift: float | None = Field(None, gt=0, le=50, description="Noise schedule shift; unset: the task's default.")
+    guide_scale: float | None = Field(
+        None, ge=0, le=30, description="Classifier-free guidance; unset: the per-expert default."
+    )
+    solver: Solver = "unipc"
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Unset: a random seed, recorded with the video.")
+    tier: Tier | None = Field(None, description="Performance tier (recorded; tiers arrive with the patches).")
+    teacache_threshold: float = Field(0.25, ge=0.05, le=0.5, description="TeaCache threshold for the speed tier.")
+    strategy: Strategy | None = Field(
+        None, description="How runs share the GPUs; unset: WAN_DEFAULT_STRATEGY."
+    )
+    gpus_per_job: int | None = Field(None, ge=1, le=64, description="GPUs per run for the concurrent strategy (1).")
+    gpu_ids: list[int] | None = Field(None, description="Only these GPUs (NVML indices); unset: all of them.")
+    checkpoint: str | None = Field(
+        None, description="Official checkpoint folder; unset: <WAN_CHECKPOINT_ROOT>/Wan2.2-<TASK>, or the preset."
+    )
+
+    @classmethod
+    def for_hardware(cls, profile: GpuProfile, **fields: Any) -> GenerationRequest:
+        """Validate against a given GPU profile instead of the one detected on this host."""
+        return cls.model_validate(fields, context={"gpu_profile": profile})
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODEL_SPECS[self.task]
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        w, h = self.size.split("*")
+        return int(w), int(h)
+
+    @model_validator(mode="after")
+    def _complete_and_check(self, info: ValidationInfo) -> GenerationRequest:
+        profile = (info.context or {}).get("gpu_profile") or read_gpu_profile(get_settings().gpu_inventory)
+        settings = get_settings()
+        if self.task is None:
+            self.task = _default_task(profile)
+        self.tier = self.tier or settings.default_tier
+        self.strategy = self.strategy or settings.default_strategy
+        spec = self.spec
+        self._check_size(spec)
+        self._resolve_frames(spec, profile)
+        self.steps = self.steps or spec.steps
+        self.shift = self.shift or spec.shift
+        self._check_image(spec)
+        self._check_gpus(profile)
+        self._resolve_checkpoint(settings.checkpoint_root)
+        return self
+
+    def _check_size(self, spec: ModelSpec) -> None:
+        allowed = spec.size_names()
+        if self.size is None:
+            self.size = allowed[0]
+        elif self.size not in allowed:
+            raise ValueError(f"size: {self.size!r} is not offered by task {spec.name!r}; allowed: {', '.join(allowed)}")
+
+    def _resolve_frames(self, spec: ModelSpec, profile: GpuProfile) -> None:
+        if self.frame_count is not None and self.frame_count % 4 != 1:
+            lower = self.frame_count - (self.frame_count - 1) % 4
+            raise ValueError(f"frame_count: {self.frame_count} is not 4k+1; nearest allowed: {lower} or {lower + 4}")
+        if self.duration_s is not None:
+            frames = 4 * max(1, math.floor(self.duration_s * spec.fps / 4 + 0.5)) + 1
+            if self.frame_count is not None and self.frame_count != frames:
+                raise ValueError(f"duration_s={self.duration_s} ({frames} frames at {spec.fps} fps) and "
+                                 f"frame_count={self.frame_count} disagree: give one of them")
+            field, value, seconds = "duration_s", self.duration_s, self.duration_s
+        else:
+            frames = self.frame_count or spec.frame_num
+            field, value, seconds = "frame_count", frames, (frames - 1) / spec.fps
+        low, high = duration_range(spec, self.width_height, profile)
+        if not low - 1e-9 <= seconds <= high + 1e-9:
+            hardware = "GPUs with >= 80 GB" if profile.high_vram else "this hardware (no GPU with >= 80 GB)"
+            raise ValueError(
+                f"{field}: {value} ({seconds:g} s) is outside {low:g}-{high:g} s, the range for "
+                f"{spec.name} at {self.size} on {hardware}"
+            )
+        self.frame_count = frames
+        if self.duration_s is None:
+            self.duration_s = (frames - 1) / spec.fps
+
+    def _check_image(self, spec: ModelSpec) -> None:
+        takes_image = spec.task in ("i2v", "ti2v")
+        if spec.task == "i2v" and self.image is None:
+            raise ValueError(
+                f"image: task {spec.name!r} turns an image into a video; give image=<path of the first frame>"
+            )
+        if self.image is not None and not takes_image:
+            raise ValueError(f"image: task {spec.name!r} takes no image; image tasks: "
+                             f"{', '.join(n for n, s in MODEL_SPECS.items() if s.task in ('i2v', 'ti2v'))}")
+        if self.image is not None and not Path(self.image).is_file():
+            raise ValueError(f"image: {self.image!r} is not a file")
+
+    def _check_gpus(self, profile: GpuProfile) -> None:
+        known = [g.index for g in profile.gpus]
+        if self.gpu_ids is not None:
+            if not self.gpu_ids:
+                raise ValueError("gpu_ids: an empty list selects no GPU; leave it unset to use all GPUs")
+            unknown = sorted(set(self.gpu_ids) - set(known))
+            if unknown:
+                raise ValueError(f"gpu_ids: {unknown} not on this host; detected GPUs: {known or 'none'}")
+            self.gpu_ids = sorted(set(self.gpu_ids))
+        selected = len(self.gpu_ids or known)
+        if self.gpus_per_job is not None and known and self.gpus_per_job > selected:
+            raise ValueError(f"gpus_per_job: {self.gpus_per_job} is more than the {selected} selected GPU(s)")
+
+    def _resolve_checkpoint(self, root: Path | None) -> None:
+        if self.task in TINY_PRESETS:
+            if self.checkpoint not in (None, self.task):
+                raise ValueError(f"checkpoint: {self.checkpoint!r} does not fit task {self.task!r}, "
+                                 f"which is a preset; leave checkpoint unset")
+            self.checkpoint = self.task
+            return
+        if self.checkpoint is None:
+            if root is None:
+                raise ValueError(f"checkpoint: unset and WAN_CHECKPOINT_ROOT is unset; give the folder of "
+                                 f"{release_folder(self.task)} or set WAN_CHECKPOINT_ROOT")
+            self.checkpoint = str(root / release_folder(self.task))
+        if not Path(self.checkpoint).is_dir():
+            raise ValueError(f"checkpoint: folder {self.checkpoint!r} does not exist; give an official "
+                             f"{release_folder(self.task)} folder (or use a preset task: {', '.join(TINY_PRESETS)})")

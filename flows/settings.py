@@ -1,0 +1,70 @@
+"""wanflow settings: where checkpoints and outputs live, the request defaults and the GPU tags.
+
+Read from `WAN_*` environment variables and a `.env` file in the working directory; Prefect's
+own `PREFECT_*` settings are left to Prefect. Build them with `get_settings()` (cached, so
+tests can clear it) rather than a module-level singleton.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.allocate import Strategy
+from tasks.gpus import SimulatedGpu
+
+Tier = Literal["quality", "balanced", "speed"]
+
+
+class Settings(BaseSettings):
+    """Everything wanflow reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="WAN_", env_file=".env", extra="ignore")
+
+    checkpoint_root: Path | None = Field(
+        None, description="Folder holding the official releases (Wan2.2-T2V-A14B/, Wan2.2-I2V-A14B/, ...)."
+    )
+    outputs_dir: Path = Field(Path("outputs"), description="Published videos go to <outputs_dir>/<date>/.")
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "wanflow", description="Persistent caches (torch.compile artefacts)."
+    )
+    default_task: str | None = Field(
+        None, description="Task of a request that names none; unset: t2v-A14B on a GPU host that has it, else tiny."
+    )
+    default_tier: Tier = "quality"
+    default_strategy: Strategy = "auto"
+    gpu_tag_prefix: str = Field("gpu", pattern=r"^[a-z0-9][a-z0-9-]*$")
+    node_name: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Set when several hosts share one Prefect server: tags become <prefix>-<node>-<i>.",
+    )
+    gpu_inventory: list[SimulatedGpu] | None = Field(
+        None, description='JSON list of simulated GPUs, e.g. [{"total_gb": 24}, {"total_gb": 24}].'
+    )
+    gpu_poll_seconds: float = Field(2.0, gt=0, description="How often a run waiting for GPUs looks again.")
+    gpu_lease_seconds: float = Field(
+        60.0, ge=60, description="Lease on held GPU slots; a dead holder's slots free after this long."
+    )
+
+    @field_validator("default_task")
+    @classmethod
+    def _known_task(cls, value: str | None) -> str | None:
+        from wan_engine.configs import MODEL_SPECS
+
+        if value is not None and value not in MODEL_SPECS:
+            raise ValueError(f"WAN_DEFAULT_TASK={value!r} is not a task; allowed: {', '.join(MODEL_SPECS)}")
+        return value
+
+    @property
+    def gpu_tag_base(self) -> str:
+        """GPU i of this host is guarded by the Prefect tag `<gpu_tag_base>-<i>`."""
+        return f"{self.gpu_tag_prefix}-{self.node_name}" if self.node_name else self.gpu_tag_prefix
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,116 @@
+"""The `denoise` task: text encoding and the sampling loop, with a progress artifact per step.
+
+Stops between steps when the flow run is being cancelled (checked at most every
+CANCEL_CHECK_SECONDS), and turns a CUDA out-of-memory error into next steps.
+Listeners registered with `listen_to_steps` (the CLI's progress bar) see every step too.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.context import FlowRunContext
+from prefect.states import Cancelled, State
+
+import wan_engine
+from tasks.pipelines import get_pipeline, out_of_memory_as_advice
+
+CANCEL_CHECK_SECONDS = 2.0
+PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)
+
+_STEP_LISTENERS: ContextVar[tuple[Callable, ...]] = ContextVar("wanflow_step_listeners", default=())
+
+
+@contextmanager
+def listen_to_steps(listener: Callable) -> Iterator[None]:
+    """Call `listener(step_info)` after every denoising step run in this context."""
+    token = _STEP_LISTENERS.set((*_STEP_LISTENERS.get(), listener))
+    try:
+        yield
+    finally:
+        _STEP_LISTENERS.reset(token)
+
+
+@dataclass
+class Denoised:
+    """What sampling produced: the clean latents and how long it took."""
+
+    latents: torch.Tensor  # [16, f, h, w] float32 on the CPU
+    seed: int
+    settings: dict  # the sampling settings the engine resolved (steps, shift, guide scales, ...)
+    timings: dict[str, float]
+    step_seconds: list[float] = field(default_factory=list)
+    experts_per_step: list[str] = field(default_factory=list)
+
+
+class _Progress:
+    """Moves the run's progress artifact and logs each step."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.artifact_id = create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
+        self.last_update = time.monotonic()
+        self.logger = get_run_logger()
+
+    def __call__(self, info) -> None:
+        self.logger.info("step %d/%d (t=%d, %s expert): %.2f s", info.step + 1, info.total, info.timestep,
+                         info.expert, info.seconds)
+        done = info.step + 1 == info.total
+        if done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS:
+            update_progress_artifact(self.artifact_id, 100.0 * (info.step + 1) / info.total,
+                                     description=f"denoising: {info.step + 1}/{info.total} steps")
+            self.last_update = time.monotonic()
+        for listener in _STEP_LISTENERS.get():
+            listener(info)
+
+
+class _CancelWatch:
+    """True once the flow run is cancelling; asks the server at most every CANCEL_CHECK_SECONDS."""
+
+    def __init__(self):
+        run = FlowRunContext.get()
+        self.flow_run_id = run.flow_run.id if run else None
+        self.last_check = time.monotonic()
+
+    def __call__(self) -> bool:
+        if self.flow_run_id is None or time.monotonic() - self.last_check < CANCEL_CHECK_SECONDS:
+            return False
+        self.last_check = time.monotonic()
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(self.flow_run_id).state
+        return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
+@task(name="denoise", retries=0, cache_policy=NO_CACHE)
+def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, image: str | None,
+            size: str, frame_count: int, steps: int, shift: float, guide_scale: float | None,
+            solver: str, seed: int, gpus: int = 1) -> Denoised | State:
+    """Encode the prompt and run the sampler; returns the clean latents (no VAE decode here)."""
+    logger = get_run_logger()
+    w, h = (int(v) for v in size.split("*"))
+    with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
+        started = time.perf_counter()
+        pipe = get_pipeline(checkpoint, device)
+        load_s = time.perf_counter() - started  # ~0 when this process loaded it before
+        progress = _Progress(steps)
+        try:
+            result = pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=(w, h),
+                                   frame_num=frame_count, steps=steps, shift=shift, guide_scale=guide_scale,
+                                   solver=solver, seed=seed, decode=False, callback=progress,
+                                   should_cancel=_CancelWatch())
+        except wan_engine.GenerationCancelled as exc:
+            return Cancelled(message=f"cancelled between denoising steps: {exc}")
+    logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
+                ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
+                    timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
+                    experts_per_step=list(result.experts_per_step))

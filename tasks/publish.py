@@ -1,0 +1,161 @@
+"""The `publish` task: the video and its record into outputs/, then Prefect artifacts about it.
+
+A video lands as `<outputs>/<date>/<slug>-<short id>/` holding `video.mp4` and
+`metadata.json`. Both are written into a staging folder under `<outputs>/.staging/` and
+the folder is renamed into place (atomic on one filesystem), so a reader never sees half
+a result; staging folders of processes that died are swept on the next publish.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import unicodedata
+import uuid
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import imageio_ffmpeg
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+
+from tasks.allocate import Allocation
+from tasks.denoise import Denoised
+from tasks.encode import EncodedVideo
+
+STAGING = ".staging"
+
+
+@dataclass(frozen=True)
+class Published:
+    """Where a generated video and its record went."""
+
+    folder: Path
+    video: Path
+    metadata: Path
+    seed: int
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """A file-name-safe slug of a prompt ("video" when nothing ASCII is left)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    words = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return words[:max_len].rstrip("-") or "video"
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide what a video looks like and how it was made."""
+    found = {"python": platform.python_version(), "ffmpeg": imageio_ffmpeg.get_ffmpeg_version()}
+    for package in ("wanflow", "torch", "prefect", "numpy"):
+        try:
+            found[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def publish_files(video_path: Path, record: dict, outputs_dir: Path, name: str, day: dt.date) -> Path:
+    """Move the MP4 and write metadata.json into `<outputs_dir>/<day>/<name>/` atomically."""
+    staging_root = outputs_dir / STAGING
+    _sweep_dead_staging(staging_root)
+    staging = staging_root / f"{name}.{os.getpid()}"
+    final = outputs_dir / day.isoformat() / name
+    staging.mkdir(parents=True)
+    try:
+        shutil.move(video_path, staging / "video.mp4")
+        with open(staging / "metadata.json", "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _sweep_dead_staging(staging_root: Path) -> None:
+    if not staging_root.is_dir():
+        return
+    for entry in staging_root.iterdir():
+        pid = entry.suffix.lstrip(".")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
+                 run_id: str) -> dict:
+    """metadata.json: enough to reproduce the video and to see where its time went."""
+    timings = {**denoised.timings, "vae_decode": video.decode_s, "mp4_write": video.write_s}
+    return {
+        "run_id": run_id,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "request": request,
+        "seed": denoised.seed,
+        "sampling": denoised.settings,
+        "tier": request.get("tier"),
+        "patches": [],  # the performance tiers' patches are not applied yet
+        "video": {"file": "video.mp4", "frames": video.frames, "width": video.width, "height": video.height,
+                  "fps": video.fps, "seconds": round((video.frames - 1) / video.fps, 3), "codec": "h264/yuv420p"},
+        "gpus": [{"index": g.index, "name": g.name, "tag": tag, "total_gb": round(g.total_bytes / 1e9, 1)}
+                 for g, tag in zip(allocation.gpus, allocation.tags, strict=True)],
+        "device": allocation.device,
+        "gpu_wait_s": round(allocation.waited_s, 3),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "step_seconds": [round(s, 4) for s in denoised.step_seconds],
+        "experts_per_step": denoised.experts_per_step,
+        "skipped_steps": [],
+        "versions": versions(),
+    }
+
+
+@task(name="publish", retries=0, cache_policy=NO_CACHE)
+def publish(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
+            outputs_dir: str) -> Published:
+    """Publish the video with its metadata and describe it in Prefect artifacts."""
+    run = FlowRunContext.get()
+    run_id = str(run.flow_run.id) if run else str(uuid.uuid4())
+    name = f"{slugify(request['prompt'])}-{run_id[:8]}"
+    record = build_record(request, denoised, video, allocation, run_id)
+    folder = publish_files(video.path, record, Path(outputs_dir).resolve(), name, dt.date.today())
+    published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json",
+                          seed=denoised.seed)
+    _describe(published, record)
+    get_run_logger().info("published %s", published.video)
+    return published
+
+
+def _describe(published: Published, record: dict) -> None:
+    request, video = record["request"], record["video"]
+    gpus = ", ".join(f"{g['tag']} ({g['name']})" for g in record["gpus"]) or record["device"]
+    markdown = "\n".join([
+        f"# {request['task']}: {request['prompt'][:80]}",
+        "",
+        f"- video: `{published.video}`",
+        f"- {video['frames']} frames, {video['width']}x{video['height']}, {video['fps']} fps ({video['seconds']} s)",
+        f"- seed {record['seed']}, {request['steps']} steps, solver {request['solver']}, tier {record['tier']}",
+        f"- ran on {gpus}",
+        f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
+    ])
+    create_markdown_artifact(markdown, key="generated-video", description="The published video")
+    rows = [{"phase": k, "seconds": v} for k, v in record["timings_s"].items()]
+    rows += [{"phase": f"step {i + 1}", "seconds": s} for i, s in enumerate(record["step_seconds"])]
+    create_table_artifact(rows, key="generation-timings", description="Seconds per phase and per denoising step")
+    create_link_artifact(published.video.as_uri(), link_text="video.mp4", key="video-file")

@@ -1,0 +1,119 @@
+"""GenerationRequest: what a user may ask for, and the messages when they ask for too much."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from flows.request import GenerationRequest
+from tasks.gpus import GpuProfile, SimulatedGpu, read_gpu_profile
+
+NO_GPU = GpuProfile(source="none", reason="test")
+H100S = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 2)
+L40S = read_gpu_profile([SimulatedGpu(name="L40S", total_gb=48.0)])
+
+
+def _error(profile: GpuProfile = NO_GPU, **fields) -> str:
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest.for_hardware(profile, **fields)
+    return str(caught.value)
+
+
+def test_tiny_request_is_completed_from_the_task_defaults(wan_env):
+    request = GenerationRequest.for_hardware(NO_GPU, prompt="a cat", duration_s=2)
+    assert (request.task, request.size, request.frame_count, request.steps) == ("tiny", "64*64", 33, 10)
+    assert (request.tier, request.strategy, request.checkpoint) == ("quality", "auto", "tiny")
+    assert request.width_height == (64, 64)
+
+
+def test_validated_request_validates_again_unchanged(wan_env):
+    """Prefect validates flow parameters again; a completed request must survive that."""
+    request = GenerationRequest.for_hardware(NO_GPU, task="tiny", duration_s=1.3)
+    again = GenerationRequest.for_hardware(NO_GPU, **request.model_dump())
+    assert again == request
+    assert request.frame_count == 21  # 1.3 s * 16 fps -> 20.8 -> 4k+1
+
+
+def test_unknown_task_names_the_allowed_tasks(wan_env):
+    message = _error(task="t2v-1.3B")
+    assert "task" in message and "t2v-1.3B" in message and "'t2v-A14B'" in message and "'tiny'" in message
+
+
+def test_size_the_task_does_not_offer(wan_env):
+    message = _error(task="tiny", size="1280*720")
+    assert "size: '1280*720' is not offered by task 'tiny'" in message and "64*64" in message
+
+
+def test_duration_range_by_hardware(wan_env, tmp_path):
+    checkpoint = tmp_path / "Wan2.2-T2V-A14B"
+    checkpoint.mkdir()
+    a14b = {"task": "t2v-A14B", "checkpoint": str(checkpoint)}
+    message = _error(L40S, **a14b, duration_s=15)
+    assert "duration_s: 15" in message and "outside 2-10 s" in message and "no GPU with >= 80 GB" in message
+    assert GenerationRequest.for_hardware(H100S, **a14b, duration_s=15).frame_count == 241
+    message = _error(H100S, **a14b, size="1280*720", duration_s=30)
+    assert "outside 5-21 s" in message
+    assert GenerationRequest.for_hardware(H100S, **a14b, size="832*480", duration_s=30).frame_count == 481
+    assert "outside 5-33 s" in _error(H100S, **a14b, size="832*480", duration_s=3)
+
+
+def test_frame_count_must_be_4k_plus_1_and_agree_with_duration(wan_env):
+    assert "frame_count: 20 is not 4k+1; nearest allowed: 17 or 21" in _error(task="tiny", frame_count=20)
+    assert "disagree" in _error(task="tiny", duration_s=2, frame_count=21)
+    assert "frame_count: 641" in _error(task="tiny", frame_count=641)  # 40 s
+
+
+def test_i2v_needs_an_image_and_t2v_takes_none(wan_env, tmp_path):
+    assert "image: task 'tiny-i2v' turns an image into a video" in _error(task="tiny-i2v")
+    image = tmp_path / "first.png"
+    image.write_bytes(b"\x89PNG")
+    assert "image: task 'tiny' takes no image" in _error(task="tiny", image=str(image))
+    assert "is not a file" in _error(task="tiny-i2v", image=str(tmp_path / "missing.png"))
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny-i2v", image=str(image)).image == str(image)
+
+
+def test_teacache_threshold_range(wan_env):
+    message = _error(task="tiny", teacache_threshold=0.9)
+    assert "teacache_threshold" in message and "less than or equal to 0.5" in message and "0.9" in message
+    assert "greater than or equal to 0.05" in _error(task="tiny", teacache_threshold=0.01)
+
+
+def test_checkpoint_folder_must_exist(wan_env, tmp_path):
+    message = _error(task="t2v-A14B", checkpoint=str(tmp_path / "nowhere"))
+    assert "checkpoint: folder" in message and "nowhere" in message and "does not exist" in message
+    assert "WAN_CHECKPOINT_ROOT is unset" in _error(task="i2v-A14B", image=__file__)
+
+
+def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch):
+    from flows.settings import get_settings
+
+    (tmp_path / "Wan2.2-T2V-A14B").mkdir()
+    monkeypatch.setenv("WAN_CHECKPOINT_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    request = GenerationRequest.for_hardware(NO_GPU, task="t2v-A14B")
+    assert request.checkpoint == str(tmp_path / "Wan2.2-T2V-A14B")
+    assert request.frame_count == 81 and request.size == "1280*720" and request.steps == 40
+
+
+def test_gpu_selection_is_checked_against_the_host(wan_env):
+    assert "gpu_ids: [5] not on this host; detected GPUs: [0, 1]" in _error(H100S, task="tiny", gpu_ids=[5])
+    assert "gpus_per_job: 3 is more than the 2 selected" in _error(H100S, task="tiny", gpus_per_job=3)
+    assert GenerationRequest.for_hardware(H100S, task="tiny", gpu_ids=[1, 0, 1]).gpu_ids == [0, 1]
+
+
+def test_unknown_fields_are_rejected(wan_env):
+    assert "num_gpus" in _error(task="tiny", num_gpus=2)
+
+
+def test_json_schema_has_dropdowns_and_ranges(wan_env):
+    """The Prefect UI renders the flow parameter from this schema."""
+    properties = GenerationRequest.model_json_schema()["properties"]
+
+    def enum(name):
+        return next(choice["enum"] for choice in properties[name]["anyOf"] if "enum" in choice)
+
+    assert {"t2v-A14B", "i2v-A14B", "tiny"} <= set(enum("task"))
+    assert {"1280*720", "832*480", "64*64"} <= set(enum("size"))
+    assert enum("tier") == ["quality", "balanced", "speed"]
+    assert enum("strategy") == ["auto", "max_speed", "concurrent"]
+    assert properties["solver"]["enum"] == ["unipc", "dpm++", "euler"]
+    assert (properties["teacache_threshold"]["minimum"], properties["teacache_threshold"]["maximum"]) == (0.05, 0.5)

@@ -1,0 +1,37 @@
+"""wanflow settings: WAN_ environment variables and .env files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from flows.settings import Settings
+
+
+def test_defaults_without_configuration(wan_env, monkeypatch):
+    monkeypatch.delenv("WAN_OUTPUTS_DIR")
+    settings = Settings()
+    assert settings.outputs_dir == Path("outputs")
+    assert (settings.default_tier, settings.default_strategy, settings.gpu_tag_base) == ("quality", "auto", "gpu")
+    assert settings.default_task is None and settings.gpu_inventory is None
+
+
+def test_environment_and_dotenv(wan_env, monkeypatch):
+    Path(".env").write_text("WAN_NODE_NAME=node-a\nWAN_DEFAULT_STRATEGY=concurrent\n")
+    monkeypatch.setenv("WAN_GPU_TAG_PREFIX", "h100")
+    monkeypatch.setenv("WAN_GPU_INVENTORY", '[{"total_gb": 80}, {"name": "B200", "compute_capability": [12, 0]}]')
+    settings = Settings()
+    assert settings.gpu_tag_base == "h100-node-a"  # GPU 3 of this host: tag h100-node-a-3
+    assert settings.default_strategy == "concurrent"
+    assert [g.name for g in settings.gpu_inventory] == ["Simulated GPU", "B200"]
+
+
+def test_bad_values_fail_fast(wan_env, monkeypatch):
+    monkeypatch.setenv("WAN_DEFAULT_TASK", "t2v-5B")
+    with pytest.raises(ValidationError, match="WAN_DEFAULT_TASK='t2v-5B' is not a task"):
+        Settings()
+    monkeypatch.delenv("WAN_DEFAULT_TASK")
+    monkeypatch.setenv("WAN_DEFAULT_STRATEGY", "fastest")
+    with pytest.raises(ValidationError, match="default_strategy"):
+        Settings()

@@ -1,0 +1,180 @@
+"""allocate-gpus: strategies, waiting, releasing, and stale slots of killed processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from tasks.allocate import (
+    _share_locks,
+    acquire_gpus,
+    allocate_gpus,
+    choose_gpus,
+    ensure_limits,
+    gpu_environment,
+    hold_gpus,
+    limit_name,
+    reconcile_stale_slots,
+    release_gpus,
+    try_acquire,
+)
+from tasks.gpus import GpuLink, SimulatedGpu, read_gpu_profile
+
+TWO_GPUS = read_gpu_profile([SimulatedGpu(), SimulatedGpu()])
+FOUR_GPUS = read_gpu_profile([SimulatedGpu()] * 4)
+
+
+@pytest.fixture
+def tag_base() -> str:
+    """Tags of their own for each test, so slots never leak between tests."""
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+def _active(tag: str) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(limit_name(tag)).active_slots
+
+
+def _acquire(profile, strategy, tag_base, **kwargs):
+    with get_client(sync_client=True) as client:
+        return acquire_gpus(client, profile, strategy, tag_base, poll_seconds=0.2, **kwargs)
+
+
+def test_choose_gpus_by_strategy():
+    assert choose_gpus("concurrent", [0, 1, 2, 3], [1, 3]) == [1]
+    assert choose_gpus("concurrent", [0, 1, 2, 3], [1, 3], gpus_per_job=2) == [1, 3]
+    assert choose_gpus("concurrent", [0, 1, 2, 3], [3], gpus_per_job=2) == []
+    assert choose_gpus("max_speed", [0, 1], [0, 1]) == [0, 1]
+    assert choose_gpus("max_speed", [0, 1], [1]) == []
+    assert choose_gpus("auto", [0, 1, 2, 3], [0, 2, 3]) == [0, 2, 3]
+    assert choose_gpus("auto", [0, 1, 2, 3], [0, 2, 3], heads=40) == [0, 2]  # 3 does not divide 40 heads
+    assert choose_gpus("auto", [0, 1], []) == []
+
+
+def test_gpu_environment_never_enables_nvlink_multicast():
+    profile = TWO_GPUS.model_copy(update={"links": [GpuLink(a=0, b=1, p2p=False, nvlink=False)]})
+    assert gpu_environment(profile.gpus[:1], profile) == {"NCCL_NVLS_ENABLE": "0"}
+    assert gpu_environment(profile.gpus, profile) == {"NCCL_NVLS_ENABLE": "0", "NCCL_P2P_DISABLE": "1"}
+
+
+def test_concurrent_jobs_get_their_own_gpu_and_a_third_waits(prefect_server, tag_base):
+    first = _acquire(TWO_GPUS, "concurrent", tag_base)
+    second = _acquire(TWO_GPUS, "concurrent", tag_base)
+    assert {first.tags[0], second.tags[0]} == {f"{tag_base}-0", f"{tag_base}-1"}
+    said, third = [], []
+    waiter = threading.Thread(target=lambda: third.append(
+        _acquire(TWO_GPUS, "concurrent", tag_base, on_wait=said.append)))
+    waiter.start()
+    time.sleep(1.5)
+    assert not third
+    assert said == [f"waiting for the first free GPU of {tag_base}-0, {tag_base}-1, all held by other runs"]
+    release_gpus(second)
+    waiter.join(timeout=30)
+    assert third[0].tags == second.tags and third[0].waited_s > 1
+    release_gpus(first)
+    release_gpus(third[0])
+    assert _active(f"{tag_base}-0") == _active(f"{tag_base}-1") == 0
+
+
+def test_max_speed_takes_every_selected_gpu(prefect_server, tag_base):
+    allocation = _acquire(FOUR_GPUS, "max_speed", tag_base, gpu_ids=[1, 2])
+    assert allocation.gpu_ids == [1, 2] and allocation.device == "cpu"
+    assert [_active(f"{tag_base}-{i}") for i in (1, 2)] == [1, 1]
+    other = _acquire(FOUR_GPUS, "auto", tag_base)
+    assert other.gpu_ids == [0, 3]  # auto: everything that is free now
+    assert [_active(f"{tag_base}-{i}") for i in range(4)] == [1, 1, 1, 1]
+    release_gpus(allocation)
+    release_gpus(other)
+
+
+def test_no_gpu_allocates_nothing(prefect_server, tag_base):
+    allocation = _acquire(read_gpu_profile([]), "auto", tag_base)
+    assert allocation.gpus == [] and allocation.lease_id is None and allocation.device == "cpu"
+
+
+def test_hold_releases_on_failure(prefect_server, tag_base):
+    allocation = _acquire(TWO_GPUS, "max_speed", tag_base)
+    with pytest.raises(RuntimeError, match="boom"), hold_gpus(allocation):
+        assert _active(f"{tag_base}-0") == 1
+        raise RuntimeError("boom")
+    assert _active(f"{tag_base}-0") == _active(f"{tag_base}-1") == 0
+
+
+def test_waiting_run_says_so_in_its_state_message(prefect_server, tag_base):
+    """The UI lists a run's state message: a waiting run names the GPUs it waits for."""
+    blocker = _acquire(TWO_GPUS, "max_speed", tag_base)
+
+    @flow(name=f"wait-{tag_base}")
+    def waits_for_gpus():
+        allocation = allocate_gpus(TWO_GPUS, "concurrent", tag_base, poll_seconds=0.2)
+        release_gpus(allocation)
+        return allocation.tags
+
+    result = []
+    runner = threading.Thread(target=lambda: result.append(waits_for_gpus()))
+    runner.start()
+    message = None
+    with get_client(sync_client=True) as client:
+        for _ in range(100):
+            messages = [run.state.message or "" for run in client.read_flow_runs() if run.state]
+            message = next((m for m in messages if tag_base in m), None)
+            if message:
+                break
+            time.sleep(0.2)
+    release_gpus(blocker)
+    runner.join(timeout=60)
+    assert message == f"waiting for the first free GPU of {tag_base}-0, {tag_base}-1, all held by other runs"
+    assert len(result[0]) == 1
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from prefect.client.orchestration import get_client
+    from tasks.allocate import _share_locks, try_acquire
+    tag, lock_dir = sys.argv[1], Path(sys.argv[2])
+    _share_locks(lock_dir, [tag])
+    with get_client(sync_client=True) as client:
+        assert try_acquire(client, [tag], 60) is not None
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_slot_of_a_killed_process_is_reconciled(prefect_server, tag_base, tmp_path):
+    """Embedded mode runs no lease expiry: a SIGKILLed holder's slot is given back by the next run."""
+    tag = f"{tag_base}-0"
+    with get_client(sync_client=True) as client:
+        ensure_limits(client, [tag])
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, tag, str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert _active(tag) == 1
+    with get_client(sync_client=True) as client:
+        assert reconcile_stale_slots(client, [tag], tmp_path) == [tag]
+    assert _active(tag) == 0
+
+    # A live holder keeps its slot.
+    fds = _share_locks(tmp_path, [tag])
+    with get_client(sync_client=True) as client:
+        lease = try_acquire(client, [tag], 60)
+        assert reconcile_stale_slots(client, [tag], tmp_path) == []
+        assert _active(tag) == 1
+        client.release_concurrency_slots_with_lease(lease)
+    for fd in fds:
+        os.close(fd)
