@@ -1,0 +1,419 @@
+"""`wanflow bench`: the DiT's speed per performance tier on this machine, with random weights.
+
+A real-size DiT (one A14B expert, or TI2V-5B; `tiny` for a CPU check) is built on the meta device and
+filled with random weights directly on the device, so no checkpoint is needed. For each tier it
+reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
+forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
+through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memory, and for compiled
+tiers the compile overhead (first call minus a steady forward) cold (fresh inductor cache) and warm
+(a second process finding that cache on disk: this module re-runs itself as a subprocess).
+
+    wanflow bench --model t2v-A14B --size 832*480 --frames 81 --tiers quality,balanced
+    python -m flows.bench --model tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from patches.tiers import TIERS, TierOptions, apply_tier, plan_tier
+from wan_engine import MODEL_SPECS, BlockCall, ModelSpec, WanPipeline
+from wan_engine.dit import DiTConfig, WanDiT
+from wan_engine.pipeline import MemoryPlan
+from wan_engine.samplers import make_schedule
+from wan_engine.tiny import TINY_DIT
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_TOKENS = 120   # a typical prompt; the DiT pads the context to 512 rows either way
+TIMESTEP = 900
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    dit: DiTConfig
+    spec: ModelSpec
+    size: tuple[int, int]   # default (W, H)
+    frames: int             # default frame count
+
+
+_TI2V_SPEC = ModelSpec(name="ti2v-5B", task="ti2v", experts=(".",), vae_file="Wan2.2_VAE.pth",
+                       sizes=((1280, 704), (704, 1280)), fps=24, steps=50, shift=5.0, guide_scale=(5.0, 5.0),
+                       boundary=None, frame_num=121, vae_stride=(4, 16, 16), z_dim=48)
+BENCH_MODELS = {
+    "t2v-A14B": BenchModel(DiTConfig("t2v", 16, 16, 5120, 13824, 40, 40), MODEL_SPECS["t2v-A14B"], (832, 480), 81),
+    "i2v-A14B": BenchModel(DiTConfig("i2v", 36, 16, 5120, 13824, 40, 40), MODEL_SPECS["i2v-A14B"], (832, 480), 81),
+    "ti2v-5B": BenchModel(DiTConfig("ti2v", 48, 48, 3072, 14336, 24, 30), MODEL_SPECS.get("ti2v-5B", _TI2V_SPEC),
+                          (1280, 704), 121),
+    "tiny": BenchModel(DiTConfig(model_type="t2v", in_dim=16, out_dim=16, **TINY_DIT), MODEL_SPECS["tiny"],
+                       (64, 64), 5),
+}
+
+
+@dataclass
+class BenchRow:
+    tier: str
+    forward_s: float              # median seconds of one forward (a computed model call)
+    step_s: float                 # seconds per denoising step as a run makes it: one batch-2 forward or two
+                                  # forwards (classifier-free guidance); with a step cache, the loop's average
+    tflops: float                 # achieved TFLOP/s of a forward
+    mfu: float                    # tflops / the measured GEMM rate
+    peak_gb: float | None         # peak device memory (None on a CPU)
+    compile_cold_s: float | None  # first call minus a steady forward, fresh inductor cache
+    compile_warm_s: float | None  # the same in a second process that finds the cache on disk
+    calls: str                    # model calls computed / made in the sampling loop ("" without a step cache)
+    applied: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- building and timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul: 8192^3 in bf16 on a GPU (its practical peak), 1024^3 on a CPU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    iters = 20 if device.type == "cuda" else 5
+    seconds = timed(lambda: [a @ b for _ in range(iters)], device)
+    return 2 * n**3 * iters / seconds
+
+
+@torch.no_grad()
+def random_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
+    """A DiT of `cfg` with random weights made on `device` (built on meta, one tensor at a time, so a
+    14B model never exists twice): matrices ~ N(0, 1/fan_in), biases small, norm scales near 1."""
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = {}
+    for name, p in model.state_dict().items():
+        t = torch.randn(p.shape, generator=gen, device=device)
+        if name.endswith("modulation"):
+            t /= p.shape[-1] ** 0.5
+        elif t.ndim >= 2:
+            t /= t[0].numel() ** 0.5
+        elif name.endswith("bias"):
+            t *= 0.05
+        else:
+            t = 1 + 0.1 * t
+        weights[name] = t.to(dtype)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts: int = 1) -> WanPipeline:
+    """A pipeline holding only random DiT experts (no text encoder or VAE: the bench calls the DiT).
+    With experts=1 an A14B pipeline holds one DiT under both expert names."""
+    bm = BENCH_MODELS[model]
+    if bm.spec.is_moe:
+        high = random_dit(bm.dit, device, dtype, seed=1)
+        low = random_dit(bm.dit, device, dtype, seed=2) if experts > 1 else high
+        dits = {"high_noise": high, "low_noise": low}
+    else:
+        dits = {"model": random_dit(bm.dit, device, dtype)}
+    return WanPipeline(bm.spec, dits, None, None, None, device, dtype, MemoryPlan(True, True), Path("."))
+
+
+def dit_inputs(pipe: WanPipeline, size: tuple[int, int], frames: int) -> dict:
+    """Random DiT inputs of one branch at the run's shape (TI2V: per-token timesteps, frame 0 clean)."""
+    spec, cfg = pipe.spec, next(iter(pipe.experts.values())).config
+    w, h = size
+    grid = ((frames - 1) // spec.vae_stride[0] + 1, h // spec.vae_stride[1], w // spec.vae_stride[2])
+    gen = torch.Generator(device=pipe.device).manual_seed(0)
+    x = torch.randn(1, spec.z_dim, *grid, generator=gen, device=pipe.device)  # [1, z, f, h, w]
+    extra = cfg.in_dim - spec.z_dim
+    y = torch.randn(1, extra, *grid, generator=gen, device=pipe.device) if extra else None
+    tokens = grid[0] * grid[1] * grid[2] // (cfg.patch_size[1] * cfg.patch_size[2])
+    t = torch.full((1,), TIMESTEP, device=pipe.device)
+    if cfg.model_type == "ti2v":
+        t = torch.full((1, tokens), TIMESTEP, device=pipe.device)
+        t[:, : tokens // grid[0]] = 0   # TI2V's first latent frame is the given image: timestep 0
+    context = torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen, device=pipe.device).to(pipe.dtype)
+    return dict(x=x, t=t, context=context, y=y, tokens=tokens)
+
+
+def both_branches(inputs: dict) -> dict:
+    """The batch-2 inputs of a step that runs cond and uncond as one forward (rows cond, uncond)."""
+    def two(t):
+        return None if t is None else torch.cat([t, t])
+
+    context = torch.cat([inputs["context"], inputs["context"].flip(1)])  # [2, Lc, text_dim]: a second prompt
+    return dict(inputs, x=two(inputs["x"]), t=two(inputs["t"]), context=context, y=two(inputs["y"]))
+
+
+@torch.no_grad()
+def sampling_loop(pipe: WanPipeline, inputs: dict, steps: int | None, batched: bool) -> float:
+    """The model calls of a whole sampling loop (per step cond and uncond, as one batch-2 call when
+    `batched`, with the expert of the timestep) through the pipeline's block-stack hook, as `generate`
+    makes them. Returns seconds per step."""
+    spec = pipe.spec
+    timesteps = make_schedule("unipc", steps or spec.steps, spec.shift).timesteps.tolist()
+    hook = pipe.block_stack_hook
+    calls = [(("cond", "uncond"), both_branches(inputs))] if batched else [
+        (("cond",), inputs), (("uncond",), inputs)]
+
+    def loop() -> None:
+        for i, t in enumerate(timesteps):
+            name = pipe.expert_for(t)
+            for branches, a in calls:
+                call = BlockCall(i, int(t), name, branches)
+                bound = None if hook is None else (lambda tokens, run, c=call: hook(c, tokens, run))
+                t_in = torch.where(a["t"] > 0, t, 0)  # TI2V's clean first frame stays at 0
+                pipe.experts[name](a["x"], t_in, a["context"], y=a["y"], block_stack_hook=bound)
+
+    return timed(loop, pipe.device) / len(timesteps)
+
+
+@contextmanager
+def inductor_cache(directory: Path) -> Iterator[None]:
+    """Compile into `directory` (a fresh one measures a cold compile), then restore the environment."""
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    old = {n: os.environ.get(n) for n in names}
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    torch.compiler.reset()
+    try:
+        yield
+    finally:
+        torch.compiler.reset()
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, options: TierOptions,
+                  steps: int | None, per_step: bool = True) -> dict:
+    """First call and steady batch-1 forwards of one tier; with `per_step` also a denoising step as
+    the run makes it (one batch-2 forward or two forwards; with a step cache the whole sampling loop)
+    and peak memory."""
+    device = pipe.device
+    dit = pipe.experts[pipe.expert_for(TIMESTEP)] if pipe.spec.is_moe else next(iter(pipe.experts.values()))
+    handle = apply_tier(pipe, tier, options, steps=steps)
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def forward(a: dict = inputs) -> None:
+            with torch.no_grad():
+                dit(a["x"], a["t"], a["context"], y=a["y"])
+
+        first = timed(forward, device)
+        forward_s = statistics.median(timed(forward, device) for _ in range(max(repeats, 1)))
+        step_s, calls = 2 * forward_s, ""
+        batched = pipe.batch_cfg(inputs["tokens"])
+        if per_step and handle.step_cache is not None:
+            step_s = sampling_loop(pipe, inputs, steps, batched)
+            records = handle.step_cache.calls
+            calls = f"{sum(r.computed for r in records)}/{len(records)}"
+        elif per_step and batched:
+            pair = both_branches(inputs)
+            forward(pair)  # a new shape: compiled tiers compile it here, outside the timing
+            step_s = statistics.median(timed(lambda: forward(pair), device) for _ in range(max(repeats, 1)))
+        peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        return dict(first=first, forward_s=forward_s, step_s=step_s, calls=calls, peak_gb=peak,
+                    applied=handle.summary()["patches"])
+    finally:
+        handle.remove()
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _compiles(tier: str, device: torch.device, options: TierOptions) -> bool:
+    return any(p.name == "compile" and p.on for p in plan_tier(tier, device, options=options))
+
+
+# ---------------------------------------------------------------- the bench
+def run_bench(model: str = "t2v-A14B", size: tuple[int, int] | None = None, frames: int | None = None,
+              tiers: tuple[str, ...] = ("quality", "balanced"), repeats: int = 3, *,
+              device: str | torch.device | None = None, options: TierOptions | None = None, steps: int | None = None,
+              experts: int = 1, warm: bool = True) -> tuple[dict, list[BenchRow]]:
+    """Measure each tier; returns (run facts, one row per tier). `steps` sets the sampling loop of tiers
+    with a step cache (None: the model's default); `experts=2` holds both A14B experts (peak memory of a
+    real run); `warm=False` skips the second-process compile measurement."""
+    bm = BENCH_MODELS[model]
+    size, frames = size or bm.size, frames or bm.frames
+    device = torch.device(device) if device is not None else _default_device()
+    dtype = _dtype_for(device)
+    options = options or TierOptions()
+    for tier in tiers:
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier {tier!r}; choose from {TIERS}")
+
+    gemm = measure_gemm_rate(device, dtype)
+    pipe = bench_pipeline(model, device, dtype, experts)
+    inputs = dit_inputs(pipe, size, frames)
+    flops = bm.dit.flops_per_forward(inputs["tokens"])
+    facts = dict(model=model, size=list(size), frames=frames, tokens=inputs["tokens"], flops=flops,
+                 gemm_tflops=gemm / 1e12, device=_device_name(device), dtype=str(dtype).removeprefix("torch."),
+                 torch=torch.__version__)
+    cache_root = Path(tempfile.mkdtemp(prefix="wanflow-bench-"))
+    rows, cold_dirs = [], {}
+    try:
+        for tier in tiers:
+            compiled = _compiles(tier, device, options)
+            log.info("bench: %s tier%s", tier, " (cold compile)" if compiled else "")
+            if compiled:
+                cold_dirs[tier] = cache_root / tier
+                with inductor_cache(cold_dirs[tier]):
+                    m = _measure_tier(pipe, tier, inputs, repeats, options, steps)
+            else:
+                m = _measure_tier(pipe, tier, inputs, repeats, options, steps)
+            tflops = flops / m["forward_s"] / 1e12
+            rows.append(BenchRow(tier, m["forward_s"], m["step_s"], tflops, tflops * 1e12 / gemm, m["peak_gb"],
+                                 m["first"] - m["forward_s"] if compiled else None, None, m["calls"], m["applied"]))
+        del pipe, inputs   # the second process needs the device memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if warm:
+            for row in rows:
+                if row.tier in cold_dirs:
+                    child = _child_measurement(model, size, frames, row.tier, device, options, cold_dirs[row.tier])
+                    row.compile_warm_s = child["first"] - child["forward_s"]
+    finally:
+        shutil.rmtree(cache_root, ignore_errors=True)
+    return facts, rows
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _child_measurement(model: str, size: tuple[int, int], frames: int, tier: str, device: torch.device,
+                       options: TierOptions, cache_dir: Path) -> dict:
+    """First call and a steady forward of `tier` in a new process that finds `cache_dir` on disk."""
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "flows.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
+           "--frames", str(frames), "--tiers", tier, "--device", str(device), "--attention", options.attention,
+           "--compile-backend", options.compile_backend]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the warm-compile process failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(args: argparse.Namespace) -> int:
+    """Runs in the subprocess: print {"first", "forward_s"} of one tier as one JSON line."""
+    device = torch.device(args.device)
+    pipe = bench_pipeline(args.model, device, _dtype_for(device))
+    inputs = dit_inputs(pipe, _parse_size(args.size), args.frames)
+    options = TierOptions(attention=args.attention, compile_backend=args.compile_backend)
+    m = _measure_tier(pipe, args.tiers.split(",")[0], inputs, 1, options, None, per_step=False)
+    print(json.dumps({"first": m["first"], "forward_s": m["forward_s"]}))
+    return 0
+
+
+# ---------------------------------------------------------------- command line
+def format_table(facts: dict, rows: list[BenchRow]) -> str:
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    w, h = facts["size"]
+    lines = [
+        f"{facts['device']}, torch {facts['torch']}, {facts['dtype']}",
+        f"{facts['model']} DiT (random weights), {w}x{h}, {facts['frames']} frames: {facts['tokens']:,} tokens, "
+        f"{facts['flops'] / 1e12:,.4g} TFLOP per forward; measured GEMM rate {facts['gemm_tflops']:,.4g} TFLOP/s",
+        "",
+        f"{'tier':<9} {'s/forward':>10} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} "
+        f"{'compile cold s':>15} {'compile warm s':>15} {'calls':>8}",
+    ]
+    for r in rows:
+        lines.append(f"{r.tier:<9} {r.forward_s:>10.4f} {r.step_s:>9.4f} {r.tflops:>8.3g} {r.mfu:>6.1%} "
+                     f"{num(r.peak_gb, '.1f'):>8} {num(r.compile_cold_s, '.2f'):>15} "
+                     f"{num(r.compile_warm_s, '.2f'):>15} {r.calls or 'all':>8}")
+    lines.append("")
+    for r in rows:
+        on = [f"{p['name']} ({p['detail']})" for p in r.applied if p["on"] and p["name"] != "resident"]
+        lines.append(f"{r.tier}: " + ("; ".join(on) or "nothing applied"))
+    return "\n".join(lines)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().replace("x", "*").split("*"))
+    return w, h
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bench's options, for `wanflow bench` (flows/cli.py) and `python -m flows.bench`."""
+    parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="t2v-A14B")
+    parser.add_argument("--size", help="W*H (default: the model's usual size)")
+    parser.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's usual count)")
+    parser.add_argument("--tiers", default="quality,balanced", help=f"comma-separated, from {','.join(TIERS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per tier (median)")
+    parser.add_argument("--steps", type=int, help="sampling steps of a step-cached tier's loop (default: the model's)")
+    parser.add_argument("--experts", type=int, choices=(1, 2), default=1,
+                        help="A14B experts held (2: the peak memory of a real run)")
+    parser.add_argument("--no-warm", action="store_true", help="skip the second-process compile measurement")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
+    parser.add_argument("--attention", choices=("auto", "sdpa", "fa4"), default="auto")
+    parser.add_argument("--compile-backend", default="inductor", help=argparse.SUPPRESS)
+    parser.add_argument("--step-cache", choices=("teacache", "magcache"), default="teacache")
+    parser.add_argument("--threshold", type=float, help="the speed tier's cache threshold")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.child:
+        return _child(args)
+    options = TierOptions(step_cache=args.step_cache, threshold=args.threshold, attention=args.attention,
+                          compile_backend=args.compile_backend)
+    size = _parse_size(args.size) if args.size else None
+    facts, rows = run_bench(args.model, size, args.frames, tuple(args.tiers.split(",")), args.repeats,
+                            device=args.device, options=options, steps=args.steps, experts=args.experts,
+                            warm=not args.no_warm)
+    print(format_table(facts, rows))
+    if args.json:
+        args.json.write_text(json.dumps(dict(facts, rows=[asdict(r) for r in rows]), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wanflow bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Tiers: what each applies on this machine (and why something is off), composition order, exact removal."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import patches.tiers as tiers
+import wan_engine
+from patches.base import PatchHandle
+from patches.tiers import TierOptions, apply_tier, describe_tiers, format_tiers
+from tests.conftest import ORACLE_DIR
+
+has_caches = all(importlib.util.find_spec(m) for m in ("patches.teacache", "patches.magcache"))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return wan_engine.load_pipeline(ORACLE_DIR / "t2v-A14B-tiny", device="cpu", dtype=torch.float32)
+
+
+def generate(pipe) -> torch.Tensor:
+    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents
+
+
+@pytest.fixture(scope="module")
+def reference(pipe) -> torch.Tensor:
+    """The unpatched result, made before any test of the module patches the pipeline."""
+    return generate(pipe)
+
+
+def entries(plan) -> dict:
+    return {p.name: p for p in plan}
+
+
+def test_cpu_description_says_why_gpu_parts_are_off():
+    described = describe_tiers("cpu")
+    assert list(described) == ["quality", "balanced", "speed"]
+    quality, balanced, speed = (entries(described[t]) for t in described)
+    assert not quality["precision"].on and "no CUDA GPU" in quality["precision"].detail
+    assert "torch SDPA" in quality["attention"].detail and "compile" not in quality
+    assert not balanced["compile"].on and "no CUDA GPU" in balanced["compile"].detail
+    assert "I2V only" in balanced["magcache"].detail
+    if has_caches:
+        assert speed["teacache"].on and "0.25" in speed["teacache"].detail
+    text = format_tiers(described)
+    assert "balanced:" in text and "compile" in text and "off" in text
+
+
+def test_task_decides_the_step_caches():
+    assert "magcache" not in entries(tiers.plan_tier("balanced", "cpu", "t2v"))
+    i2v = entries(tiers.plan_tier("balanced", "cpu", "i2v"))
+    assert "magcache" in i2v
+    speed = entries(tiers.plan_tier("speed", "cpu", "t2v", TierOptions(step_cache="magcache")))
+    assert "magcache" in speed and "teacache" not in speed
+
+
+def test_patches_apply_in_order_and_remove_last_first(pipe, monkeypatch):
+    events = []
+
+    def recorder(name):
+        def apply(pipe, cfg=None):
+            events.append(f"+{name}")
+            return PatchHandle(name, lambda: events.append(f"-{name}"))
+        return apply
+
+    for name in ("precision", "attention", "compile"):
+        monkeypatch.setattr(tiers, f"apply_{name}", recorder(name))
+    monkeypatch.setattr(tiers, "tf32_status", lambda device: (True, "test"))
+    monkeypatch.setattr(tiers, "compile_status", lambda device, backend: (True, "test"))
+    handle = apply_tier(pipe, "balanced")
+    assert events == ["+precision", "+attention", "+compile"]
+    handle.remove()
+    assert events[3:] == ["-compile", "-attention", "-precision"]
+    assert [p["name"] for p in handle.summary()["patches"]] == ["precision", "attention", "resident", "compile"]
+
+
+@pytest.mark.parametrize("tier", ["quality", "balanced"] + (["speed"] if has_caches else []))
+def test_apply_then_remove_is_bit_identical(pipe, reference, tier):
+    handle = apply_tier(pipe, tier, TierOptions(compile_backend="eager", threshold=0.5), steps=2)
+    patched = generate(pipe)
+    if tier != "speed":
+        assert torch.equal(patched, reference)
+    handle.remove()
+    assert pipe.block_stack_hook is None
+    assert all(block._compiled_call_impl is None for block in pipe.repeated_blocks())
+    assert torch.equal(generate(pipe), reference)
+
+
+@pytest.mark.skipif(not has_caches, reason="patches.teacache / patches.magcache not there yet")
+def test_speed_tier_hands_out_its_step_cache(pipe):
+    with apply_tier(pipe, "speed", TierOptions(compile_backend="eager"), steps=2) as handle:
+        assert handle.step_cache is pipe.block_stack_hook
+        assert [name for name, _ in handle.applied][-1] == "teacache"
