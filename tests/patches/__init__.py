@@ -1,0 +1,22 @@
+"""Tests of the performance patches. `tiny_pipeline()` loads the tiny preset once per test process, from a
+private cache folder, so a calibration file written elsewhere never changes what these tests see."""
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from functools import cache
+
+import pytest
+import torch
+
+import wan_engine
+
+
+@cache
+def tiny_pipeline() -> wan_engine.WanPipeline:
+    folder = tempfile.mkdtemp(prefix="wanflow-patches-tests-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WAN_CACHE_DIR", folder)
+        return wan_engine.load_pipeline("tiny", dtype=torch.float32)
