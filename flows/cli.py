@@ -70,6 +70,7 @@ def _option_type(annotation: Any) -> tuple[Any, list | None]:
 
 def _run(request: GenerationRequest, verbose: bool) -> int:
     from prefect.states import State
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.generate import generate_video
@@ -79,7 +80,7 @@ def _run(request: GenerationRequest, verbose: bool) -> int:
         _quiet_prefect_console()
     print(f"{request.task}: {request.frame_count} frames at {request.size}, {request.steps} steps", file=sys.stderr)
     columns = (TextColumn("denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         bar = progress.add_task("denoise", total=request.steps)
         with listen_to_steps(lambda info: progress.update(bar, completed=info.step + 1, total=info.total)):
             try:

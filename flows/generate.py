@@ -29,22 +29,21 @@ def generate_video(request: GenerationRequest) -> Published | State:
     """Generate the requested video on the GPUs its strategy allows and publish it."""
     settings = get_settings()
     profile = detect_gpus(settings.gpu_inventory)
-    allocation = allocate_gpus(profile, request.strategy, settings.gpu_tag_base, request.gpu_ids,
-                               request.gpus_per_job, request.checkpoint, settings.gpu_poll_seconds,
-                               settings.gpu_lease_seconds)
+    allocation = allocate_gpus(profile, request.strategy, settings.gpu_tag_base, gpu_ids=request.gpu_ids,
+                               gpus_per_job=request.gpus_per_job, checkpoint=request.checkpoint,
+                               poll_seconds=settings.gpu_poll_seconds, lease_seconds=settings.gpu_lease_seconds)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-    gpus = len(allocation.gpus)
+    where = {"checkpoint": request.checkpoint, "device": allocation.device, "gpus": len(allocation.gpus)}
     with hold_gpus(allocation):
-        warm_up_compile(request.tier, allocation.device)
-        denoised = denoise(request.checkpoint, allocation.device, request.prompt, request.negative_prompt,
-                           request.image, request.size, request.frame_count, request.steps, request.shift,
-                           request.guide_scale, request.solver, seed, gpus)
+        warm_up_compile(request.tier, allocation.device, str(settings.cache_dir))
+        denoised = denoise(prompt=request.prompt, negative_prompt=request.negative_prompt, image=request.image,
+                           size=request.size, frame_count=request.frame_count, steps=request.steps,
+                           shift=request.shift, guide_scale=request.guide_scale, solver=request.solver, seed=seed,
+                           **where)
         if isinstance(denoised, State):  # the run was cancelled between two steps
             return Cancelled(message=f"cancelled during denoising, GPUs released: {denoised.message}")
-        video = encode(denoised.latents, request.checkpoint, allocation.device, request.spec.fps, request.size,
-                       gpus)
+        video = encode(denoised.latents, fps=request.spec.fps, size=request.size, **where)
     return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir))
-
 
 if __name__ == "__main__":
     generate_video(GenerationRequest.model_validate_json(sys.argv[1]) if len(sys.argv) > 1 else GenerationRequest())

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     )
     outputs_dir: Path = Field(Path("outputs"), description="Published videos go to <outputs_dir>/<date>/.")
     cache_dir: Path = Field(
-        Path.home() / ".cache" / "wanflow", description="Persistent caches (torch.compile artefacts)."
+        Path.home() / ".cache" / "wanflow",
+        description="Persistent caches: the tiny presets' checkpoints (wan_engine reads WAN_CACHE_DIR too), "
+        "compiled kernels.",
     )
     default_task: str | None = Field(
         None, description="Task of a request that names none; unset: t2v-A14B on a GPU host that has it, else tiny."

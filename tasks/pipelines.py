@@ -60,6 +60,10 @@ def out_of_memory_as_advice(device: str, frames: int, size: str, gpus: int) -> I
     """Turn a CUDA OOM into `GpuOutOfMemory` with next steps, freeing the device's memory first."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
-        evict_pipelines(device)
-        raise GpuOutOfMemory(out_of_memory_advice(device, frames, size, gpus)) from exc
+        return
+    except torch.OutOfMemoryError:
+        pass
+    # Out here the OOM and its traceback are gone, and with them the frames that still
+    # referenced activations: only now can the memory really go back.
+    evict_pipelines(device)
+    raise GpuOutOfMemory(out_of_memory_advice(device, frames, size, gpus))

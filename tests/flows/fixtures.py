@@ -1,6 +1,7 @@
 """Fixtures shared by tests/flows and tests/tasks."""
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -8,12 +9,18 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.settings import get_settings
 
+_HARNESS: list[ExitStack] = []  # both conftests register this fixture: they must share one server
+
 
 @pytest.fixture(scope="session")
-def prefect_server():
+def prefect_server(pytestconfig):
     """A temporary Prefect server and database for the whole session (~10 s to start)."""
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
+    if not _HARNESS:
+        stack = ExitStack()
+        stack.enter_context(prefect_test_harness(server_startup_timeout=90))
+        _HARNESS.append(stack)
+        pytestconfig.add_cleanup(stack.close)
+    return _HARNESS[0]
 
 
 @pytest.fixture
