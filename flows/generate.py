@@ -45,5 +45,6 @@ def generate_video(request: GenerationRequest) -> Published | State:
         video = encode(denoised.latents, fps=request.spec.fps, size=request.size, **where)
     return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir))
 
+
 if __name__ == "__main__":
     generate_video(GenerationRequest.model_validate_json(sys.argv[1]) if len(sys.argv) > 1 else GenerationRequest())

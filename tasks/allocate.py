@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -162,36 +162,31 @@ def reconcile_stale_slots(client: SyncPrefectClient, tags: list[str], directory:
     """
     reclaimed = []
     for tag in tags:
-        with _tag_lock_file(directory, tag) as fd:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
+        fd = _open_lock(directory, tag)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live process holds or is taking this slot
+        else:
             if client.read_global_concurrency_limit_by_name(limit_name(tag)).active_slots > 0:
                 client.update_global_concurrency_limit(
                     limit_name(tag), GlobalConcurrencyLimitUpdate(active_slots=0)
                 )
                 reclaimed.append(tag)
+        finally:
+            os.close(fd)  # also drops the flock
     return reclaimed
 
 
-@contextmanager
-def _tag_lock_file(directory: Path, tag: str) -> Iterator[int]:
+def _open_lock(directory: Path, tag: str) -> int:
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        yield fd
-    finally:
-        os.close(fd)  # also drops the flock
+    return os.open(directory / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def _share_locks(directory: Path, tags: list[str]) -> list[int]:
-    fds = []
-    for tag in tags:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fds = [_open_lock(directory, tag) for tag in tags]
+    for fd in fds:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        fds.append(fd)
     return fds
 
 
@@ -202,7 +197,8 @@ _LEASE_LOCKS: dict[UUID, list[int]] = {}
 def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strategy, tag_base: str,
                  gpu_ids: list[int] | None = None, gpus_per_job: int | None = None, heads: int | None = None,
                  poll_seconds: float = 2.0, lease_seconds: float = 60.0,
-                 holder: ConcurrencyLeaseHolder | None = None, on_wait=None) -> Allocation:
+                 holder: ConcurrencyLeaseHolder | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> Allocation:
     """Wait until the strategy's GPUs are free, take them and return the allocation.
 
     `on_wait(message)` is called when the run starts waiting and every WAIT_LOG_SECONDS after.
@@ -278,8 +274,12 @@ def hold_gpus(allocation: Allocation) -> Iterator[Allocation]:
     finally:
         stop.set()
         renewer.join(timeout=5)
-        release_gpus(allocation)
-        run_logger().info("released %s", ", ".join(allocation.tags))
+        try:
+            release_gpus(allocation)
+            run_logger().info("released %s", ", ".join(allocation.tags))
+        except Exception as exc:  # never hide the run's own outcome behind this
+            run_logger().warning("could not release %s (%s): the server frees them when the %g s lease ends",
+                                 ", ".join(allocation.tags), exc, allocation.lease_seconds)
 
 
 def _renew_lease(allocation: Allocation, stop: threading.Event) -> None:

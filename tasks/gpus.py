@@ -175,7 +175,7 @@ def _active_nvlinks(handle) -> int:
         try:
             active += pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED
         except pynvml.NVMLError:
-            break  # no such link (or no NVLink at all)
+            continue  # no such link (or no NVLink at all)
     return active
 
 

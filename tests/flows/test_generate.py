@@ -9,6 +9,8 @@ import pytest
 import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.context import FlowRunContext
+from prefect.states import Cancelling
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
@@ -16,6 +18,7 @@ from flows.settings import get_settings
 from tasks import denoise as denoise_module
 from tasks import pipelines
 from tasks.allocate import limit_name
+from tasks.denoise import listen_to_steps
 
 TASKS = ["detect-gpus", "allocate-gpus", "warm-up-compile", "denoise", "encode", "publish"]
 
@@ -78,14 +81,22 @@ def test_tiny_generation_end_to_end(prefect_server, wan_env):
     assert published.video.as_uri() in by_key["video-file"].data  # a link artifact
 
 
-def test_cancelled_between_steps_frees_the_gpus_and_publishes_nothing(prefect_server, wan_env, monkeypatch):
+def test_cancelling_the_run_stops_between_steps_and_frees_the_gpus(prefect_server, wan_env, monkeypatch):
+    """What the UI's Cancel does to a run that no worker kills: its state goes to Cancelling."""
     base = _simulate_two_gpus(monkeypatch)
-    monkeypatch.setattr(denoise_module._CancelWatch, "__call__", lambda self: True)
-    state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="max_speed"), return_state=True)
-    assert state.is_cancelled() and "cancelled during denoising" in state.message
+    monkeypatch.setattr(denoise_module, "CANCEL_CHECK_SECONDS", 0.0)
+
+    def cancel_after_step_2(info):
+        if info.step == 1:
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
+
+    with listen_to_steps(cancel_after_step_2):
+        state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="max_speed"), return_state=True)
+    assert state.is_cancelled() and "cancelled before step 3/10" in state.message
     assert _task_runs(state.state_details.flow_run_id)["denoise"].state.is_cancelled()
     assert _active_slots(base) == [0, 0]
-    assert not wan_env.exists() or not any(wan_env.glob("*/*/video.mp4"))
+    assert not list(wan_env.glob("*/*/video.mp4"))
 
 
 class _OutOfMemoryPipeline:
@@ -111,3 +122,9 @@ def test_invalid_parameters_fail_the_run_before_any_task(prefect_server, wan_env
     state = generate_video({"task": "tiny", field: value}, return_state=True)
     assert state.is_failed() and field in state.message
     assert _task_runs(state.state_details.flow_run_id) == {}
+
+
+def test_flow_parameter_schema_gives_the_ui_dropdowns():
+    request = generate_video.parameters.model_dump()["definitions"]["GenerationRequest"]["properties"]
+    assert {"tiny", "t2v-A14B"} <= set(request["task"]["anyOf"][0]["enum"])
+    assert request["strategy"]["anyOf"][0]["enum"] == ["auto", "max_speed", "concurrent"]
