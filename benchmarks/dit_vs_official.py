@@ -1,11 +1,20 @@
-"""One real-size A14B expert forward: our DiT against the official WanModel, same weights and inputs.
+"""One real-size A14B expert forward: our DiT against the official WanModel and diffusers, same weights and inputs.
 
 Random bf16 weights of the real size (5120 wide, 40 blocks) are materialised once and shared
-by both models (same tensors, no second copy). The official model runs as its pipelines run
-it (bf16 weights as --convert_model_dtype, under bf16 autocast), with its CUDA-only
-flash_attention replaced by torch SDPA on bf16 q/k/v (no flash_attn wheel exists here).
-Prints the median forward time of each (after warm-up), peak memory and the relative error
-of our output against the official one.
+by every model (same tensors, no second copy). In one process, on one card:
+- official: the `WanModel` as its pipelines run it (bf16 weights as --convert_model_dtype, under
+  bf16 autocast), its CUDA-only flash_attention replaced by torch SDPA on bf16 q/k/v (no flash_attn
+  wheel exists here);
+- ours: our WanDiT, eager (the quality tier's forward);
+- diffusers: diffusers' `WanTransformer3DModel` in bf16 with the weights renamed to its keys (its
+  `_keep_in_fp32_modules` upcast, as `from_pretrained(torch_dtype=bfloat16)` leaves them), eager;
+- diffusers-compiled: the same after `compile_repeated_blocks(fullgraph=True)`, as its docs recommend
+  (first call = compile + one forward);
+- ours-compiled (--ours-compiled): our blocks through `patches.compile.apply_compile`, if importable;
+- the floor: linear FLOPs at the measured 8192^3 bf16 GEMM rate + attention FLOPs at the measured
+  SDPA rate (1 x 40 heads x L x 128, bf16), both measured in the same run.
+Prints each model's first-call and median forward time (after the first call), peak memory, its
+ratios to the official, diffusers and the floor, and its relative error against the official output.
 
     python benchmarks/dit_vs_official.py --size 832*480 --frames 81
 
@@ -18,9 +27,11 @@ import json
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  bind the real torch.cuda.current_device before load_official() patches it
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +42,35 @@ from wan_engine.dit import DiTConfig, WanDiT  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 SMOKE = dict(A14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2)   # --smoke: check the script on a CPU
+MODELS = ("official", "ours", "diffusers", "diffusers-compiled")
+
+# Official (= our) state-dict names -> diffusers WanTransformer3DModel names. Note the swap: diffusers'
+# block norm2 is the cross-attention norm (official norm3); its FFN norm has no weights.
+DIFFUSERS_TOP = {"text_embedding.0": "condition_embedder.text_embedder.linear_1",
+                 "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+                 "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+                 "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+                 "time_projection.1": "condition_embedder.time_proj",
+                 "head.head": "proj_out", "head.modulation": "scale_shift_table",
+                 "patch_embedding": "patch_embedding"}
+DIFFUSERS_BLOCK = {"self_attn.q": "attn1.to_q", "self_attn.k": "attn1.to_k", "self_attn.v": "attn1.to_v",
+                   "self_attn.o": "attn1.to_out.0", "self_attn.norm_q": "attn1.norm_q",
+                   "self_attn.norm_k": "attn1.norm_k", "cross_attn.q": "attn2.to_q", "cross_attn.k": "attn2.to_k",
+                   "cross_attn.v": "attn2.to_v", "cross_attn.o": "attn2.to_out.0",
+                   "cross_attn.norm_q": "attn2.norm_q", "cross_attn.norm_k": "attn2.norm_k",
+                   "norm3": "norm2", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2", "modulation": "scale_shift_table"}
+DIFFUSERS_FP32 = ("time_embedder", "scale_shift_table", "norm2")   # its _keep_in_fp32_modules that hold weights
+
+
+def diffusers_key(key: str) -> str:
+    table, prefix, rest = DIFFUSERS_TOP, "", key
+    if key.startswith("blocks."):
+        _, i, rest = key.split(".", 2)
+        table, prefix = DIFFUSERS_BLOCK, f"blocks.{i}."
+    for ours, theirs in table.items():
+        if rest == ours or rest.startswith(ours + "."):
+            return prefix + theirs + rest[len(ours):]
+    raise KeyError(f"no diffusers name for {key}")
 
 
 def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None,
@@ -49,18 +89,69 @@ def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_sca
     return out.transpose(1, 2).to(out_dtype).contiguous()
 
 
-def timed(fn, repeats: int) -> tuple[list[float], torch.Tensor]:
-    out = fn()  # warm-up
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, dev: torch.device) -> tuple[float, list[float], torch.Tensor]:
+    """(first-call seconds, seconds of each later call, output); the first call is the warm-up."""
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    first = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
-    return times, out
+    return first, times, out
+
+
+def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: int = 512) -> dict:
+    """The floor of one forward: linear FLOPs at the 8192^3 bf16 GEMM rate + attention FLOPs at the
+    SDPA rate at Wan's self-attention shape, both measured now."""
+    def rate(fn, flops, repeats=10):
+        fn()
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        _sync(dev)
+        return flops * repeats / (time.perf_counter() - t0)
+
+    n = 8192 if dev.type == "cuda" else 512
+    a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    gemm = rate(lambda: a @ b, 2 * n**3)
+    d = cfg.head_dim
+    q, k, v = (torch.randn(1, cfg.num_heads, tokens, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    sdpa = rate(lambda: F.scaled_dot_product_attention(q, k, v), 4 * tokens * tokens * cfg.num_heads * d,
+                repeats=5)
+    attn = cfg.num_layers * (4 * tokens * tokens * cfg.dim + 4 * tokens * text_tokens * cfg.dim)
+    linear = cfg.flops_per_forward(tokens, text_tokens) - attn
+    return dict(gemm_tflops=gemm / 1e12, sdpa_tflops=sdpa / 1e12, linear_tflop=linear / 1e12,
+                attention_tflop=attn / 1e12, seconds=linear / gemm + attn / sdpa)
+
+
+def build_diffusers(arch: dict, sd: dict, dev: torch.device):
+    """diffusers' WanTransformer3DModel holding the same weight tensors (renamed), built on meta."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed, WanTransformer3DModel
+
+    kwargs = dict(patch_size=(1, 2, 2), num_attention_heads=arch["num_heads"],
+                  attention_head_dim=arch["dim"] // arch["num_heads"], in_channels=arch["in_dim"],
+                  out_channels=arch["out_dim"], text_dim=4096, freq_dim=256, ffn_dim=arch["ffn_dim"],
+                  num_layers=arch["num_layers"], cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6)
+    with torch.device("meta"):
+        model = WanTransformer3DModel(**kwargs)
+    renamed = {}
+    for key, t in sd.items():
+        name = diffusers_key(key)
+        renamed[name] = t.float() if any(part in name.split(".") for part in DIFFUSERS_FP32) else t
+    model.load_state_dict(renamed, assign=True, strict=True)
+    model.rope = WanRotaryPosEmbed(kwargs["attention_head_dim"], kwargs["patch_size"], 1024).to(dev)
+    return model.eval().requires_grad_(False)
 
 
 def main() -> None:
@@ -69,6 +160,9 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--timestep", type=int, default=900)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--ours-compiled", action="store_true",
+                    help="also our blocks compiled by patches.compile.apply_compile (balanced tier's forward)")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--smoke", action="store_true", help="toy width on the CPU, to check the script itself")
     args = ap.parse_args()
@@ -76,6 +170,12 @@ def main() -> None:
     wdtype = torch.float32 if args.smoke else torch.bfloat16
     w, h = (int(v) for v in args.size.split("*"))
     dev = torch.device("cpu" if args.smoke else "cuda")
+    models = [m for m in args.models.split(",") if m]
+    unknown = set(models) - set(MODELS)
+    if unknown:
+        ap.error(f"unknown models {sorted(unknown)}")
+    if dev.type != "cuda":
+        models = [m for m in models if not m.endswith("compiled")]
     torch.manual_seed(0)
 
     from official import load_official
@@ -104,12 +204,16 @@ def main() -> None:
     _rebuild_freqs(W, official, dev)
     official.eval().requires_grad_(False)
     ours.eval().requires_grad_(False)
+    diffusers = build_diffusers(arch, sd, dev) if any(m.startswith("diffusers") for m in models) else None
 
     lat = (16, (args.frames - 1) // 4 + 1, h // 8, w // 8)
     tokens = lat[1] * lat[2] * lat[3] // 4
     x = torch.randn(lat, generator=gen, device=dev)
     ctx = torch.randn(120, 4096, generator=gen, device=dev).to(wdtype)
     t = torch.tensor([args.timestep], device=dev)
+    ctx_512 = F.pad(ctx, (0, 0, 0, 512 - ctx.shape[0]))[None]   # diffusers' pipeline pads prompts to 512 with zeros
+    cfg = DiTConfig(**arch)
+    floor = measure_floor(cfg, tokens, dev)
 
     def run_official():
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -119,29 +223,62 @@ def main() -> None:
         with torch.no_grad():
             return ours(x[None], t, ctx[None])[0]
 
+    def run_diffusers():
+        with torch.no_grad():
+            return diffusers(x[None].to(wdtype), t, ctx_512, return_dict=False)[0][0]
+
+    runs = {"official": run_official, "ours": run_ours, "diffusers": run_diffusers,
+            "diffusers-compiled": run_diffusers}
+    if args.ours_compiled:
+        models.append("ours-compiled")
+        runs["ours-compiled"] = run_ours
     results = {}
-    for name, fn in (("official", run_official), ("ours", run_ours)):
+    for name in models:
+        if name == "diffusers-compiled":
+            diffusers.compile_repeated_blocks(fullgraph=True)
+        elif name == "ours-compiled":
+            from patches.compile import apply_compile
+
+            apply_compile(types.SimpleNamespace(repeated_blocks=lambda: list(ours.blocks)))
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        times, out = timed(fn, args.repeats)
+        try:
+            first, times, out = timed(runs[name], args.repeats, dev)
+        except Exception as e:  # a compiled variant that fails must not cost the other results
+            if not name.endswith("compiled"):
+                raise
+            print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            continue
         peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
-        results[name] = dict(seconds=statistics.median(times), all=times, peak_gb=peak, out=out.float())
-    err = ((results["ours"]["out"] - results["official"]["out"]).norm()
-           / results["official"]["out"].norm()).item()
-    flops = DiTConfig(**arch).flops_per_forward(tokens)
+        results[name] = dict(first_s=first, seconds=statistics.median(times), all=times, peak_gb=peak,
+                             out=out.float())
+        print(f"{name}: first call {first:.3f} s, median {results[name]['seconds']:.3f} s", flush=True)
+
+    ref = results.get("official")
+    for r in results.values():
+        r["rel_err"] = ((r["out"] - ref["out"]).norm() / ref["out"].norm()).item() if ref else float("nan")
+    flops = cfg.flops_per_forward(tokens)
     card = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (smoke)"
     print(f"\n{card}, torch {torch.__version__}, {w}x{h}, {args.frames} frames, {tokens} tokens, t={args.timestep}")
-    print(f"{'model':<10} {'median s':>9} {'peak GB':>8} {'TFLOP/s':>8}")
-    for name in ("official", "ours"):
-        r = results[name]
-        rate = f"{flops / r['seconds'] / 1e12:8.0f}" if flops else "       -"
-        print(f"{name:<10} {r['seconds']:9.3f} {r['peak_gb']:8.1f} {rate}")
-    print(f"ours / official time: {results['ours']['seconds'] / results['official']['seconds']:.3f}")
-    print(f"relative error ours vs official: {err:.2e}")
+    print(f"floor {floor['seconds']:.3f} s = {floor['linear_tflop']:.0f} TFLOP linear at {floor['gemm_tflops']:.0f} "
+          f"TFLOP/s (8192^3 bf16 GEMM) + {floor['attention_tflop']:.0f} TFLOP attention at "
+          f"{floor['sdpa_tflops']:.0f} TFLOP/s (SDPA 1x{cfg.num_heads}x{tokens}x{cfg.head_dim})")
+    print(f"{'model':<19} {'first s':>8} {'median s':>9} {'TFLOP/s':>8} {'/official':>9} {'/diffusers':>10} "
+          f"{'/floor':>7} {'peak GB':>8} {'rel err':>8}")
+
+    def ratio(r, other):
+        return f"{r['seconds'] / results[other]['seconds']:.3f}" if other in results else "-"
+
+    for name, r in results.items():
+        print(f"{name:<19} {r['first_s']:8.2f} {r['seconds']:9.3f} {flops / r['seconds'] / 1e12:8.0f} "
+              f"{ratio(r, 'official'):>9} {ratio(r, 'diffusers'):>10} {r['seconds'] / floor['seconds']:7.3f} "
+              f"{r['peak_gb']:8.1f} {r['rel_err']:8.1e}")
+    if "ours" in results and "diffusers-compiled" in results:
+        print(f"ours (eager) / diffusers compiled: {ratio(results['ours'], 'diffusers-compiled')}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            card=card, torch=torch.__version__, size=[w, h], frames=args.frames, tokens=tokens, rel_err=err,
+            card=card, torch=torch.__version__, size=[w, h], frames=args.frames, tokens=tokens, floor=floor,
             **{n: {k: v for k, v in r.items() if k != "out"} for n, r in results.items()}), indent=2))
 
 

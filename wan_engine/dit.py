@@ -9,6 +9,12 @@ cached per grid, one modulation row per sample when all tokens share a timestep,
 
 dtype policy: linear and conv layers run in their weight dtype (bf16 on GPU); norms, the time
 embedding, every modulation and the head run in float32; the residual stream stays float32.
+
+Two paths compute the same block. The plain PyTorch one is the reference (CPU, float32 weights, and
+under torch.compile, which fuses it). On CUDA with 16-bit weights in eager mode, the element-wise
+chains (residual add + LayerNorm + modulate + cast, q/k RMSNorm + RoPE) run as single Triton kernels
+(`triton_kernels`) with the same roundings. Setting `wan_engine.dit.triton_kernels = None` forces the
+plain path (benchmarks compare the two).
 """
 from __future__ import annotations
 
@@ -21,6 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # the CUDA fast path; the CPU path never needs Triton
+    from . import triton_kernels
+except ImportError:
+    triton_kernels = None
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 ROPE_THETA = 10000.0
@@ -87,6 +98,13 @@ class DiTConfig:
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
+
+
+def use_triton(x: Tensor, weight: Tensor) -> bool:
+    """Whether this call takes the Triton kernels: CUDA, 16-bit weights, eager (torch.compile fuses
+    the plain path itself and should not trace through hand-written kernels)."""
+    return (triton_kernels is not None and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_compiling())
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -159,6 +177,10 @@ class Attention(nn.Module):
     """Multi-head attention of x over itself (self-attention, with RoPE) or over a context
     (cross-attention). q/k RMSNorm spans the whole width, before the split into heads."""
 
+    # The attention kernel, q, k, v [B, N, L, D] -> [B, N, L, D]: a seam the attention-backend patch
+    # swaps per instance. On the Triton path q, k and v are transposed views of [B, L, N, D] memory.
+    attention_fn = staticmethod(F.scaled_dot_product_attention)
+
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
@@ -174,12 +196,17 @@ class Attention(nn.Module):
         dtype = self.q.weight.dtype
         x = x.to(dtype)
         kv = x if context is None else context.to(dtype)
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, L, D]
-        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, Lk, D]
-        v = self.v(kv).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # [B, N, Lk, D]
-        if rope is not None:
-            q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, N, L, D]
+        n = self.num_heads
+        if use_triton(x, self.q.weight):
+            q = triton_kernels.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, n, rope)  # [B, N, L, D]
+            k = triton_kernels.rms_norm_rope(self.k(kv), self.norm_k.weight, self.norm_k.eps, n, rope)  # [B, N, Lk, D]
+        else:
+            q = self.norm_q(self.q(x)).unflatten(-1, (n, -1)).transpose(1, 2)  # [B, N, L, D]
+            k = self.norm_k(self.k(kv)).unflatten(-1, (n, -1)).transpose(1, 2)  # [B, N, Lk, D]
+            if rope is not None:
+                q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
+        v = self.v(kv).unflatten(-1, (n, -1)).transpose(1, 2)  # [B, N, Lk, D]
+        out = self.attention_fn(q, k, v)  # [B, N, L, D]
         return self.o(out.transpose(1, 2).flatten(2))  # [B, L, dim]
 
 
@@ -204,11 +231,29 @@ class DiTBlock(nn.Module):
         context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32."""
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (
             self.modulation.float() + mod).unbind(2)  # 6 x [B, Lt, dim]
-        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope=rope)  # [B, L, dim]
-        x = x + y.float() * gate_sa
-        x = x + self.cross_attn(self.norm3(x), context).float()
-        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn).to(self.ffn[0].weight.dtype))
-        return x + y.float() * gate_ffn
+        if use_triton(x, self.ffn[0].weight):
+            return self._forward_fused(x, (shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn),
+                                       context, rope)
+        dtype = self.ffn[0].weight.dtype
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope=rope)  # [B, L, dim]
+        # A new tensor: the caller's x (a step cache may keep it) is never written. The residual
+        # adds take the branch output in its own dtype (one kernel, float32 arithmetic).
+        x = torch.addcmul(x, y, gate_sa)  # [B, L, dim] fp32
+        x.add_(self.cross_attn(self.norm3(x).to(dtype), context))
+        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn).to(dtype))  # [B, L, dim]
+        return x.addcmul_(y, gate_ffn)
+
+    def _forward_fused(self, x: Tensor, mod: tuple[Tensor, ...], context: Tensor,
+                       rope: tuple[Tensor, Tensor]) -> Tensor:
+        """The same block with each residual add fused into the norm that follows it (Triton)."""
+        shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
+        K, dtype = triton_kernels, self.ffn[0].weight.dtype
+        h = K.layer_norm_modulate(x, self.norm1.eps, dtype, shift=shift_sa, scale=scale_sa)  # [B, L, dim]
+        x, h = K.add_layer_norm(x, self.self_attn(h, rope=rope), gate_sa, self.norm3.eps, dtype,
+                                self.norm3.weight, self.norm3.bias)  # a new x [B, L, dim] fp32; h [B, L, dim]
+        x, h = K.add_layer_norm(x, self.cross_attn(h, context), None, self.norm2.eps, dtype,
+                                shift=shift_ffn, scale=scale_ffn, inplace=True)
+        return K.add_gated_(x, self.ffn(h), gate_ffn)
 
 
 class Head(nn.Module):
@@ -263,7 +308,8 @@ class WanDiT(nn.Module):
         grid = (F_ // pf, H_ // ph, W_ // pw)
 
         x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))  # [B, dim, f, h, w]
-        x = x.flatten(2).transpose(1, 2).float()  # [B, L, dim], row-major (f, h, w)
+        # [B, L, dim], row-major (f, h, w); contiguous so every pass over the residual stream is dense
+        x = x.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
         # A [B] timestep is shared by all tokens: one modulation row per sample, broadcast over L.
         t = t[:, None] if t.dim() == 1 else t  # [B, Lt]

@@ -3,7 +3,8 @@
 T2V and I2V differ only by their `Conditioning` (extra DiT input channels); the loop is
 shared: draw seeded noise, encode the prompts, then per step pick the expert by timestep
 (A14B MoE), run the conditional and unconditional branches, combine them with the
-expert's guide scale and step the solver.
+expert's guide scale and step the solver. The two branches run as one batch-2 forward
+when memory allows (`WanPipeline.cfg_batch`), else as two forwards.
 
 Seams for performance patches (they act only through these):
 - `block_stack_hook(call, tokens, run_blocks)`: wraps the block stack of every DiT call,
@@ -117,6 +118,14 @@ class MemoryPlan:
     text_encoder_resident: bool
 
 
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _on_device(module: nn.Module, device: torch.device) -> bool:
+    return next(module.parameters()).device.type == device.type
+
+
 def plan_memory(free_bytes: int | None, expert_bytes: int, n_experts: int, t5_bytes: int,
                 vae_bytes: int, activation_bytes: int) -> MemoryPlan:
     """Keep everything on the device when it fits; else keep the experts and let T5 wait on
@@ -145,6 +154,8 @@ class WanPipeline:
         self.memory = memory
         self.checkpoint_dir = checkpoint_dir
         self.block_stack_hook: BlockStackHook | None = None
+        # cond and uncond as one batch-2 forward: True / False, or None to decide per run from free memory
+        self.cfg_batch: bool | None = None
 
     # ------------------------------------------------------------------ seams
     def repeated_blocks(self) -> list[nn.Module]:
@@ -173,6 +184,27 @@ class WanPipeline:
         if not self.memory.text_encoder_resident:
             self.text_encoder.to("cpu")
         return context
+
+    def batch_cfg(self, tokens: int) -> bool:
+        """Whether a run of `tokens` video tokens takes cond and uncond in one batch-2 forward: the
+        `cfg_batch` setting, else yes on the CPU, else when free device memory holds a second
+        forward's working memory beyond the one a batch-1 run needs anyway."""
+        if self.cfg_batch is not None:
+            return self.cfg_batch
+        if self.device.type != "cuda":
+            return True
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if not self.memory.experts_resident:   # the expert swapped in later displaces the one held now
+            held = [_param_bytes(dit) for dit in self.experts.values() if _on_device(dit, self.device)]
+            free += sum(held) - max(_param_bytes(dit) for dit in self.experts.values())
+        cfg = next(iter(self.experts.values())).config
+        per_sample = tokens * (cfg.dim * 16 + cfg.ffn_dim * 4)   # the loader's activation estimate
+        batched = free >= 2 * per_sample
+        log.info("classifier-free guidance: %s (free %.1f GB, a batch-1 forward needs about %.1f GB)",
+                 "one batch-2 forward per step" if batched else "two forwards per step", free / 1e9,
+                 per_sample / 1e9)
+        return batched
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -249,6 +281,9 @@ class WanPipeline:
         timings["text"] = time.perf_counter() - t0
 
         t_device = sampler.schedule.timesteps.to(self.device)
+        pt, ph, pw = spec.patch_size
+        batched = self.batch_cfg(lat_f // pt * (lat_h // ph) * (lat_w // pw))
+        both_y = None if cond_y is None or not batched else cond_y.repeat(2, 1, 1, 1, 1)   # [2, 20, f, h, w]
         step_seconds, experts_used = [], []
         t_loop = time.perf_counter()
         for i, t in enumerate(timesteps):
@@ -258,11 +293,18 @@ class WanPipeline:
             name = self.expert_for(t)
             dit = self._activate(name)
             g = guide_scale[1] if name == HIGH_NOISE else guide_scale[0]
-            preds = {}
-            for branch, ctx in contexts.items():
-                hook = self._bind_hook(BlockCall(i, t, name, (branch,)))
-                preds[branch] = dit(latents, t_device[i:i + 1], ctx, y=cond_y, block_stack_hook=hook)
-            velocity = preds["uncond"] + g * (preds["cond"] - preds["uncond"])
+            if batched:
+                # rows (cond, uncond), in the order of `context`
+                hook = self._bind_hook(BlockCall(i, t, name, ("cond", "uncond")))
+                cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), t_device[i:i + 1].expand(2), context,
+                                   y=both_y, block_stack_hook=hook).chunk(2)   # 2 x [1, 16, f, h, w]
+            else:
+                preds = {}
+                for branch, ctx in contexts.items():
+                    hook = self._bind_hook(BlockCall(i, t, name, (branch,)))
+                    preds[branch] = dit(latents, t_device[i:i + 1], ctx, y=cond_y, block_stack_hook=hook)
+                cond, uncond = preds["cond"], preds["uncond"]
+            velocity = uncond + g * (cond - uncond)
             latents = sampler.step(velocity, latents)
             experts_used.append(name)
             if callback is not None:
@@ -278,7 +320,7 @@ class WanPipeline:
             latents=latents[0].float().cpu(), frames=None, seed=seed,
             settings=dict(task=spec.name, size=[w, h], frame_num=frame_num, steps=steps, shift=shift,
                           guide_scale=list(guide_scale), solver=solver, seed=seed,
-                          negative_prompt=negative_prompt),
+                          negative_prompt=negative_prompt, cfg_batch=batched),
             timings=timings, step_seconds=step_seconds, experts_per_step=experts_used)
         if decode:
             t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ORACLE_DIR, load_ref, rel_err
+from wan_engine import dit as dit_module
 from wan_engine.dit import DiTConfig, WanDiT
 
 # The TI2V checkpoint is not in the repo: its cases are left out.
@@ -77,7 +78,7 @@ def test_block_stack_hook_sees_fp32_tokens_and_is_transparent():
         return run_blocks(tokens)
 
     out = model(*inputs, block_stack_hook=hook)
-    assert len(seen) == 1 and seen[0].dtype == torch.float32
+    assert len(seen) == 1 and seen[0].dtype == torch.float32 and seen[0].is_contiguous()
     assert seen[0].shape == (1, 3 * 4 * 4, model.config.dim)
     assert torch.equal(out, model(*inputs))
 
@@ -119,3 +120,87 @@ def test_flops_match_the_published_a14b_count():
     a14b = DiTConfig("t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
     assert round(a14b.flops_per_forward(32_760) / 1e12) == 1678  # 832x480, 81 frames (ANCHORS 1)
     assert round(a14b.flops_per_forward(75_600) / 1e12) == 6523  # 1280x720, 81 frames
+
+
+@torch.no_grad()
+def test_blocks_never_write_their_input():
+    """A step cache keeps the block stack's input to form a residual: the blocks must not change it."""
+    case = case_named("t2v_high_t500")
+    model = load_model(checkpoint_dir(case["name"]))
+    kept = {}
+
+    def hook(tokens, run_blocks):
+        kept["copy"], kept["input"] = tokens.clone(), tokens
+        return run_blocks(tokens)
+
+    model(*sample_inputs(case, 0), block_stack_hook=hook)
+    assert torch.equal(kept["input"], kept["copy"])
+
+
+def test_cpu_and_fp32_never_take_the_triton_path():
+    x = torch.zeros(1, 4, 8)
+    assert not dit_module.use_triton(x, torch.zeros(8))
+    assert not dit_module.use_triton(x.bfloat16(), torch.zeros(8, dtype=torch.bfloat16))
+
+
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or dit_module.triton_kernels is None,
+                                  reason="needs a CUDA GPU and Triton")
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("per_token_mod", [False, True])
+@torch.no_grad()
+def test_triton_kernels_match_the_plain_ops(per_token_mod):
+    K = dit_module.triton_kernels
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, L, C, N = 2, 96, 5120, 40  # the A14B width and heads
+    x = torch.randn(B, L, C, device="cuda", generator=gen) * 3 + 0.5
+    mod = torch.randn(B, L if per_token_mod else 1, 6, C, device="cuda", generator=gen)
+    shift, scale = mod.unbind(2)[:2]
+
+    def plain_of(v, shift, scale):
+        return dit_module.modulate(dit_module.FP32LayerNorm(C, 1e-6, elementwise_affine=False)(v), shift, scale)
+
+    out = K.layer_norm_modulate(x, 1e-6, torch.bfloat16, None, None, shift, scale)
+    assert rel_err(out, plain_of(x, shift, scale).bfloat16()) < 5e-4
+    norm = dit_module.FP32LayerNorm(C, 1e-6).cuda().bfloat16()
+    norm.weight.normal_(generator=gen)
+    norm.bias.normal_(generator=gen)
+    assert rel_err(K.layer_norm_modulate(x, 1e-6, torch.bfloat16, norm.weight, norm.bias), norm(x).bfloat16()) < 5e-4
+
+    q = (torch.randn(B, L, C, device="cuda", generator=gen) * 2).bfloat16()
+    rms = dit_module.RMSNorm(C, 1e-6).cuda().bfloat16()
+    rms.weight.normal_(generator=gen)
+    cos, sin = (t.cuda() for t in dit_module.rope_tables((2, 6, 8), C // N))
+    heads = rms(q).unflatten(-1, (N, -1)).transpose(1, 2)  # [B, N, L, D]
+    rotated = dit_module.apply_rope(heads, cos, sin).bfloat16()
+    out = K.rms_norm_rope(q, rms.weight, 1e-6, N, (cos, sin))
+    assert out.shape == (B, N, L, C // N) and rel_err(out, rotated) < 5e-4
+    assert rel_err(K.rms_norm_rope(q, rms.weight, 1e-6, N), heads) < 5e-4
+
+    y = torch.randn(B, L, C, device="cuda", generator=gen).bfloat16()
+    gate = mod.unbind(2)[2]
+    summed = torch.addcmul(x, y, gate)
+    s, h = K.add_layer_norm(x, y, gate, 1e-6, torch.bfloat16, shift=shift, scale=scale)
+    assert rel_err(s, summed) < 1e-6 and rel_err(h, plain_of(summed, shift, scale).bfloat16()) < 5e-4
+    s, h = K.add_layer_norm(x.clone(), y, None, 1e-6, torch.bfloat16, norm.weight, norm.bias, inplace=True)
+    assert rel_err(s, x + y.float()) < 1e-6 and rel_err(h, norm(x + y.float()).bfloat16()) < 5e-4
+    assert rel_err(K.add_gated_(x.clone(), y, gate), summed) < 1e-6
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("name", ["t2v_high_t500", "i2v_low_t300"])
+@torch.no_grad()
+def test_triton_path_matches_plain_path_on_cuda(name, monkeypatch):
+    case = case_named(name)
+    model = WanDiT(load_model(checkpoint_dir(name)).config).cuda().bfloat16()
+    model.load_state_dict(load_model(checkpoint_dir(name)).state_dict())
+    inputs = [None if v is None else v.cuda() for v in sample_inputs(case, 0)]
+    inputs[2] = inputs[2].bfloat16()
+    fused = model(*inputs)
+    monkeypatch.setattr(dit_module, "triton_kernels", None)
+    plain = model(*inputs)
+    assert rel_err(fused, plain) < 5e-3
+    assert rel_err(fused[0].cpu(), case["output"][0]) < 2e-2

@@ -102,20 +102,43 @@ def test_cancellation_stops_between_steps(t2v_pipe):
     assert len(seen) == 2
 
 
-def test_block_stack_hook_sees_every_call(t2v_pipe):
+@pytest.mark.parametrize("cfg_batch", [True, False])
+def test_block_stack_hook_sees_every_call(t2v_pipe, cfg_batch):
     calls = []
 
     def hook(call, tokens, run_blocks):
         calls.append(call)
+        assert tokens.shape[0] == len(call.branches)
         return run_blocks(tokens)
 
-    plain = t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=3, seed=1, decode=False)
-    t2v_pipe.block_stack_hook = hook
+    t2v_pipe.cfg_batch = cfg_batch
     try:
+        plain = t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=3, seed=1, decode=False)
+        t2v_pipe.block_stack_hook = hook
         hooked = t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=3, seed=1, decode=False)
     finally:
         t2v_pipe.block_stack_hook = None
+        t2v_pipe.cfg_batch = None
     assert torch.equal(plain.latents, hooked.latents)
-    assert [(c.step, c.branches) for c in calls] == [(s, (b,)) for s in range(3) for b in ("cond", "uncond")]
+    if cfg_batch:
+        assert [(c.step, c.branches) for c in calls] == [(s, ("cond", "uncond")) for s in range(3)]
+    else:
+        assert [(c.step, c.branches) for c in calls] == [(s, (b,)) for s in range(3) for b in ("cond", "uncond")]
     assert {c.expert for c in calls} <= {"high_noise", "low_noise"}
     assert len(t2v_pipe.repeated_blocks()) == 2 * 2   # two experts x two tiny blocks
+
+
+def test_cfg_as_two_forwards_matches_official_and_the_batched_run(t2v_pipe):
+    """On the CPU the default is one batch-2 forward per step; two batch-1 forwards give the same loop."""
+    run = load_ref("e_t2v_loop.pt")["runs"]["unipc_shift12"]
+    kwargs = dict(size=tuple(run["size_wh"]), frame_num=run["frame_num"], steps=run["sampling_steps"],
+                  shift=run["shift"], guide_scale=_guide(run), solver=run["solver"], seed=run["seed"], decode=False)
+    batched = t2v_pipe.generate(run["prompt"], run["n_prompt"], **kwargs)
+    t2v_pipe.cfg_batch = False
+    try:
+        single = t2v_pipe.generate(run["prompt"], run["n_prompt"], **kwargs)
+    finally:
+        t2v_pipe.cfg_batch = None
+    assert batched.settings["cfg_batch"] and not single.settings["cfg_batch"]
+    assert rel_err(single.latents, run["final_latents"]) < 1e-4
+    assert rel_err(single.latents, batched.latents) < 1e-4
