@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
 from typing import Any
 
-from pydantic import ValidationError
+# Before Prefect is imported (values the user set win): its embedded server takes longer than the
+# default 20 s to start on a small machine (2 cores: 12-40 s), and its telemetry job fails offline
+# and races the first run for the SQLite database, printing a long traceback.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.request import GenerationRequest
-from flows.settings import get_settings
+from pydantic import ValidationError  # noqa: E402
+
+from flows.request import GenerationRequest  # noqa: E402
+from flows.settings import get_settings  # noqa: E402
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
 
