@@ -1,6 +1,8 @@
 """Wan 2.1 VAE against the official code's outputs (tiny random checkpoint, fp32 CPU)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -79,3 +81,56 @@ def test_decode_three_latent_frames_matches_official(vae, ref):
 def test_encode_rejects_frame_counts_not_1_plus_4k(vae):
     with pytest.raises(ValueError, match="1 \\+ 4k"):
         vae.encode(torch.zeros(1, 3, 4, 16, 16))
+
+
+def test_decode_chunk_length_leaves_the_video_unchanged(vae, ref, monkeypatch):
+    # One latent frame per chunk (as the official code) and all frames in one chunk: one causal pass.
+    videos = []
+    for budget in (0, 1 << 40):
+        monkeypatch.setattr(vae, "decode_chunk_bytes", budget)
+        videos.append(vae.decode(ref["z_rand"][None]))  # [1, 3, 9, 64, 64]
+    assert vae.decode_frames_per_chunk(8, 8) > 2
+    assert rel_err(videos[1], videos[0]) < 1e-6
+    assert rel_err(videos[1][0], ref["decoded_rand_raw"].clamp(-1, 1)) < TOL
+
+
+def test_decode_dtype_is_the_default_dtype_argument(vae, ref, monkeypatch):
+    z = ref["z"][None]
+    fast = vae.decode(z, dtype=torch.bfloat16)  # [1, 3, 5, 64, 64]
+    monkeypatch.setattr(vae, "decode_dtype", torch.bfloat16)
+    assert fast.dtype == torch.float32
+    assert torch.equal(vae.decode(z), fast)
+    # Widths of 4..16 channels round coarsely (5e-2 here): a bound against gross breakage only;
+    # the closeness is checked at a wider width below and at the real width in the benchmark.
+    assert rel_err(fast[0], ref["decoded"]) < 1e-1
+
+
+def test_bfloat16_decode_within_2e_2_of_float32():
+    # bf16 convolutions keep norms and residual sums in float32: at the real width (96) the
+    # benchmark sees ~1e-2; width 16 (64 channels at the latent) rounds about the same.
+    torch.manual_seed(0)
+    model = WanVAE21(dim=16).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+    z = torch.randn(1, 16, 3, 2, 2)
+    with torch.no_grad():
+        exact, fast = model.decode(z), model.decode(z, dtype=torch.bfloat16)  # [1, 3, 9, 16, 16]
+    assert fast.dtype == torch.float32
+    assert rel_err(fast, exact) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_decode_matches_official(vae, ref):
+    model = copy.deepcopy(vae).cuda()  # the fixture stays on the CPU for the other tests
+    z = ref["z_rand"][None].cuda()
+    expected = ref["decoded_rand_raw"].clamp(-1, 1)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False):
+        assert rel_err(model.decode(z)[0].cpu(), expected) < TOL
+    assert rel_err(model.decode(z, dtype=torch.bfloat16)[0].cpu(), expected) < 1e-1
