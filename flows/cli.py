@@ -3,6 +3,9 @@
     wanflow demo                      the tiny preset end to end; prints where the video is
     wanflow generate --prompt ...     any request (every GenerationRequest field is an option)
     wanflow gpus [--json]             the GPUs this host has, as the flow sees them
+    wanflow patches                   what each performance tier applies on this machine, and why not
+    wanflow bench --model t2v-A14B    seconds per step, MFU and peak memory per tier (random weights)
+    wanflow calibrate --checkpoint D  record the step caches' figures for a checkpoint, saved next to it
 
 Runs use the Prefect server in PREFECT_API_URL, or start Prefect's embedded one.
 """
@@ -28,6 +31,7 @@ from flows.request import GenerationRequest  # noqa: E402
 from flows.settings import get_settings  # noqa: E402
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
+CALIBRATION_PROMPT = "a woman walking along a beach at sunset, waves rolling in, the camera slowly tracking her"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--verbose", action="store_true", help="show Prefect's run logs")
     gpus = commands.add_parser("gpus", help="print the detected GPU profile")
     gpus.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_engine_commands(commands)
     args = parser.parse_args(argv)
 
+    if args.command in ENGINE_COMMANDS:
+        return ENGINE_COMMANDS[args.command](args)
     if args.command == "gpus":
         return _print_gpus(args.json)
     if args.command == "demo":
@@ -132,6 +139,77 @@ def _print_gpus(as_json: bool) -> int:
     if profile.driver_version:
         print(f"  driver {profile.driver_version}")
     return 0
+
+
+def _add_engine_commands(commands) -> None:
+    """`patches`, `bench` and `calibrate`: the performance tiers on this machine, outside any flow run."""
+    from flows.bench import add_arguments as add_bench_arguments
+
+    patches = commands.add_parser("patches", help="what each performance tier applies here, and why anything is off")
+    patches.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
+    patches.add_argument("--task", choices=("t2v", "i2v", "ti2v"), help="only this task's step caches")
+    bench = commands.add_parser("bench", help="DiT speed per tier with random weights of the real size")
+    add_bench_arguments(bench)
+    calibrate = commands.add_parser("calibrate", help="record TeaCache/MagCache figures for a checkpoint")
+    calibrate.add_argument("--checkpoint", required=True, help="official checkpoint folder, or a preset (tiny)")
+    calibrate.add_argument("--prompt", default=CALIBRATION_PROMPT)
+    calibrate.add_argument("--negative-prompt", default="")
+    calibrate.add_argument("--image", help="first frame, for I2V checkpoints")
+    calibrate.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    calibrate.add_argument("--shift", type=float, help="noise schedule shift (default: the model's)")
+    calibrate.add_argument("--solver", choices=("unipc", "dpm++", "euler"), default="unipc")
+    calibrate.add_argument("--guide-scale", type=float, help="default: the model's per-expert scales")
+    calibrate.add_argument("--size", help="W*H (default: 832*480 where offered, else the model's first size)")
+    calibrate.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
+    calibrate.add_argument("--output", help="calibration file (default: wanflow_calibration.json in the checkpoint)")
+
+
+def _print_patches(args: argparse.Namespace) -> int:
+    import torch
+
+    from patches.tiers import describe_tiers, format_tiers
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"performance tiers on {device}{f' for {args.task}' if args.task else ''}:")
+    print(format_tiers(describe_tiers(device, args.task)))
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from flows.bench import run_from_args
+
+    return run_from_args(args)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import wan_engine
+    from patches.calibrate import calibrate
+    from tasks.pipelines import engine_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = wan_engine.load_pipeline(args.checkpoint, device=device, dtype=engine_dtype(device))
+    if args.size:
+        size = tuple(int(v) for v in args.size.split("*"))
+    else:
+        size = (832, 480) if (832, 480) in pipe.spec.sizes else pipe.spec.sizes[0]
+    print(f"calibrating {pipe.spec.name} from {pipe.checkpoint_dir} on {device}: {size[0]}*{size[1]}, "
+          f"{args.frames} frames (one full generation)", file=sys.stderr)
+    result = calibrate(pipe, args.prompt, args.steps, args.shift, solver=args.solver, size=size,
+                       frame_num=args.frames, seed=args.seed, negative_prompt=args.negative_prompt,
+                       image=args.image, guide_scale=args.guide_scale, path=args.output)
+    entry = result.entry
+    fitted = [s for s, fit in entry["teacache"].items() if fit["coefficients"]]
+    print(f"calibrated {entry['model']} ({entry['steps']} steps, shift {entry['shift']:g}, {entry['solver']}): "
+          f"{len(result.magcache_ratios)} MagCache ratios, TeaCache fit for {', '.join(fitted) or 'no signal'}")
+    print(f"saved: {result.path}")
+    return 0
+
+
+ENGINE_COMMANDS = {"patches": _print_patches, "bench": _run_bench, "calibrate": _calibrate}
 
 
 if __name__ == "__main__":

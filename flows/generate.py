@@ -34,16 +34,17 @@ def generate_video(request: GenerationRequest) -> Published | State:
                                poll_seconds=settings.gpu_poll_seconds, lease_seconds=settings.gpu_lease_seconds)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     where = {"checkpoint": request.checkpoint, "device": allocation.device, "gpus": len(allocation.gpus)}
+    run = {"size": request.size, "frame_count": request.frame_count, "steps": request.steps, "shift": request.shift,
+           "solver": request.solver, "image": request.image, "tier": request.tier,
+           "teacache_threshold": request.teacache_threshold}
     with hold_gpus(allocation):
-        warm_up_compile(request.tier, allocation.device, str(settings.cache_dir))
-        denoised = denoise(prompt=request.prompt, negative_prompt=request.negative_prompt, image=request.image,
-                           size=request.size, frame_count=request.frame_count, steps=request.steps,
-                           shift=request.shift, guide_scale=request.guide_scale, solver=request.solver, seed=seed,
-                           **where)
+        warm = warm_up_compile(cache_dir=str(settings.cache_dir), **run, **where)
+        denoised = denoise(prompt=request.prompt, negative_prompt=request.negative_prompt,
+                           guide_scale=request.guide_scale, seed=seed, **run, **where)
         if isinstance(denoised, State):  # the run was cancelled between two steps
             return Cancelled(message=f"cancelled during denoising, GPUs released: {denoised.message}")
         video = encode(denoised.latents, fps=request.spec.fps, size=request.size, **where)
-    return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir))
+    return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir), warm)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""The `denoise` task: text encoding and the sampling loop, with a progress artifact per step.
+"""The `denoise` task: text encoding and the sampling loop under the run's performance tier, with a
+progress artifact per step.
+
+With a step cache (TeaCache in the speed tier, MagCache for I2V in balanced) the schedule of computed
+and skipped block stacks is fixed before sampling; the task reports it with what the loop actually
+did, per step and per cond/uncond branch.
 
 Stops between steps when the flow run is being cancelled (checked at most every
 CANCEL_CHECK_SECONDS), and turns a CUDA out-of-memory error into next steps.
@@ -22,7 +27,7 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 import wan_engine
-from tasks.pipelines import get_pipeline, out_of_memory_as_advice
+from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice
 
 CANCEL_CHECK_SECONDS = 2.0
 PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)
@@ -50,24 +55,81 @@ class Denoised:
     timings: dict[str, float]
     step_seconds: list[float] = field(default_factory=list)
     experts_per_step: list[str] = field(default_factory=list)
+    tier: dict = field(default_factory=dict)      # TierHandle.summary(): the tier and each patch's detail
+    step_cache: dict | None = None                # the skip schedule and the calls made (None: no step cache)
+    block_stack: list[str] = field(default_factory=list)  # per step: "computed", "reused" or per branch
+
+    @property
+    def model_calls(self) -> dict[str, int]:
+        """Model calls (one per step and cond/uncond branch) whose block stack ran or was reused."""
+        if self.step_cache is None:
+            total = 2 * len(self.step_seconds)
+            return {"computed": total, "skipped": 0, "total": total}
+        return {k: self.step_cache[k] for k in ("computed", "skipped", "total")}
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps at which no block stack ran (every branch reused its cached residual)."""
+        return [i for i, what in enumerate(self.block_stack) if what == "reused"]
+
+
+def _executed(calls) -> dict[str, list[int]]:
+    """Per branch, the steps whose model call ran the block stack, as the loop made them."""
+    done: dict[str, list[int]] = {}
+    for call in calls:
+        for branch in call.branches:
+            done.setdefault(branch, [])
+            if call.computed:
+                done[branch].append(call.step)
+    return done
+
+
+def _block_stack_per_step(computed: dict[str, list[int]], steps: int) -> list[str]:
+    labels = []
+    for i in range(steps):
+        ran = {b: i in s for b, s in computed.items()}
+        if all(ran.values()):
+            labels.append("computed")
+        elif not any(ran.values()):
+            labels.append("reused")
+        else:
+            labels.append(", ".join(f"{b} {'computed' if r else 'reused'}" for b, r in ran.items()))
+    return labels
+
+
+def _step_cache_record(step_cache) -> dict:
+    """The schedule fixed before sampling, plus what the loop did and whether the two agree."""
+    record = step_cache.metadata()
+    record["executed_computed_steps"] = _executed(step_cache.calls)
+    record["matches_schedule"] = record["executed_computed_steps"] == record["computed_steps"]
+    return record
 
 
 class _Progress:
     """Moves the run's progress artifact and logs each step."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, step_cache=None):
         self.total = total
+        self.step_cache = step_cache
+        self.reused = 0
         self.artifact_id = create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
         self.last_update = time.monotonic()
         self.logger = get_run_logger()
 
     def __call__(self, info) -> None:
-        self.logger.info("step %d/%d (t=%d, %s expert): %.2f s", info.step + 1, info.total, info.timestep,
-                         info.expert, info.seconds)
+        note = ""
+        if self.step_cache is not None:  # the calls of this step were just recorded by the cache
+            calls = [c for c in self.step_cache.calls if c.step == info.step]
+            if not any(c.computed for c in calls):
+                self.reused += 1
+                note = ", block stack reused"
+        self.logger.info("step %d/%d (t=%d, %s expert): %.2f s%s", info.step + 1, info.total, info.timestep,
+                         info.expert, info.seconds, note)
         done = info.step + 1 == info.total
         if done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS:
+            reused = f", {self.reused} reused the cache" if self.step_cache is not None else ""
             update_progress_artifact(self.artifact_id, 100.0 * (info.step + 1) / info.total,
-                                     description=f"denoising: {info.step + 1}/{info.total} steps")
+                                     description=f"denoising: {info.step + 1}/{info.total} steps{reused}")
             self.last_update = time.monotonic()
         for listener in _STEP_LISTENERS.get():
             listener(info)
@@ -93,15 +155,17 @@ class _CancelWatch:
 @task(name="denoise", retries=0, cache_policy=NO_CACHE)
 def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, image: str | None,
             size: str, frame_count: int, steps: int, shift: float, guide_scale: float | None,
-            solver: str, seed: int, gpus: int = 1) -> Denoised | State:
-    """Encode the prompt and run the sampler; returns the clean latents (no VAE decode here)."""
+            solver: str, seed: int, gpus: int = 1, tier: str = "quality",
+            teacache_threshold: float | None = None) -> Denoised | State:
+    """Encode the prompt and run the sampler under `tier`; returns the clean latents (no VAE decode here)."""
     logger = get_run_logger()
     w, h = (int(v) for v in size.split("*"))
     with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
         started = time.perf_counter()
-        pipe = get_pipeline(checkpoint, device)
+        pipe, handle = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, steps=steps, shift=shift,
+                                           solver=solver)
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
-        progress = _Progress(steps)
+        progress = _Progress(steps, handle.step_cache)
         try:
             result = pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=(w, h),
                                    frame_num=frame_count, steps=steps, shift=shift, guide_scale=guide_scale,
@@ -111,6 +175,18 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
             return Cancelled(message=f"cancelled between denoising steps: {exc}")
     logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
                 ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
+    step_cache = None
+    computed = {"cond": list(range(steps)), "uncond": list(range(steps))}
+    if handle.step_cache is not None:
+        step_cache = _step_cache_record(handle.step_cache)
+        computed = step_cache["executed_computed_steps"]
+        logger.info("tier %s, %s: %d/%d model calls computed, %d skipped; computed steps %s",
+                    tier, step_cache["method"], step_cache["computed"], step_cache["total"], step_cache["skipped"],
+                    step_cache["executed_computed_steps"])
+        if not step_cache["matches_schedule"]:
+            logger.warning("the model calls computed %s differ from the precomputed schedule %s",
+                           step_cache["executed_computed_steps"], step_cache["computed_steps"])
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
-                    experts_per_step=list(result.experts_per_step))
+                    experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=step_cache,
+                    block_stack=_block_stack_per_step(computed, steps))

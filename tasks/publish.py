@@ -28,6 +28,7 @@ from prefect.context import FlowRunContext
 from tasks.allocate import Allocation
 from tasks.denoise import Denoised
 from tasks.encode import EncodedVideo
+from tasks.warmup import WarmUp
 
 STAGING = ".staging"
 
@@ -101,9 +102,13 @@ def _alive(pid: int) -> bool:
 
 
 def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
-                 run_id: str) -> dict:
+                 run_id: str, warm: WarmUp | None = None) -> dict:
     """metadata.json: enough to reproduce the video and to see where its time went."""
-    timings = {**denoised.timings, "vae_decode": video.decode_s, "mp4_write": video.write_s}
+    timings = dict(denoised.timings)
+    if warm is not None and warm.compiled:  # the warm-up loaded the pipeline, then compiled it
+        timings["load"] = timings.get("load", 0.0) + warm.load_s
+        timings = {"compile_warm_up": warm.seconds, **timings}
+    timings.update(vae_decode=video.decode_s, mp4_write=video.write_s)
     return {
         "run_id": run_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -111,7 +116,10 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
         "seed": denoised.seed,
         "sampling": denoised.settings,
         "tier": request.get("tier"),
-        "patches": [],  # the performance tiers' patches are not applied yet
+        "patches": denoised.tier.get("patches", []),
+        "compile": warm.record() if warm is not None else None,
+        "step_cache": denoised.step_cache,
+        "model_calls": denoised.model_calls,
         "video": {"file": "video.mp4", "frames": video.frames, "width": video.width, "height": video.height,
                   "fps": video.fps, "seconds": round((video.frames - 1) / video.fps, 3), "codec": "h264/yuv420p"},
         "gpus": [{"index": g.index, "name": g.name, "tag": tag, "total_gb": round(g.total_bytes / 1e9, 1)}
@@ -121,19 +129,20 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "step_seconds": [round(s, 4) for s in denoised.step_seconds],
         "experts_per_step": denoised.experts_per_step,
-        "skipped_steps": [],
+        "block_stack_per_step": denoised.block_stack,
+        "skipped_steps": denoised.skipped_steps,
         "versions": versions(),
     }
 
 
 @task(name="publish", retries=0, cache_policy=NO_CACHE)
 def publish(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
-            outputs_dir: str) -> Published:
+            outputs_dir: str, warm: WarmUp | None = None) -> Published:
     """Publish the video with its metadata and describe it in Prefect artifacts."""
     run = FlowRunContext.get()
     run_id = str(run.flow_run.id) if run else str(uuid.uuid4())
     name = f"{slugify(request['prompt'])}-{run_id[:8]}"
-    record = build_record(request, denoised, video, allocation, run_id)
+    record = build_record(request, denoised, video, allocation, run_id, warm)
     folder = publish_files(video.path, record, Path(outputs_dir).resolve(), name, dt.date.today())
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json",
                           seed=denoised.seed)
@@ -152,10 +161,32 @@ def _describe(published: Published, record: dict) -> None:
         f"- {video['frames']} frames, {video['width']}x{video['height']}, {video['fps']} fps ({video['seconds']} s)",
         f"- seed {record['seed']}, {request['steps']} steps, solver {request['solver']}, tier {record['tier']}",
         f"- ran on {gpus}",
+        *_tier_lines(record),
         f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
     ])
     create_markdown_artifact(markdown, key="generated-video", description="The published video")
-    rows = [{"phase": k, "seconds": v} for k, v in record["timings_s"].items()]
-    rows += [{"phase": f"step {i + 1}", "seconds": s} for i, s in enumerate(record["step_seconds"])]
+    rows = [{"phase": k, "seconds": v, "block stack": ""} for k, v in record["timings_s"].items()]
+    rows += [{"phase": f"step {i + 1}", "seconds": s, "block stack": what}
+             for i, (s, what) in enumerate(zip(record["step_seconds"], record["block_stack_per_step"], strict=True))]
     create_table_artifact(rows, key="generation-timings", description="Seconds per phase and per denoising step")
     create_link_artifact(published.video.as_uri(), link_text="video.mp4", key="video-file")
+
+
+def _tier_lines(record: dict) -> list[str]:
+    """The markdown lines on the tier: its patches, the compile warm-up, the model calls computed."""
+    applied = [p["name"] for p in record["patches"] if p["on"]]
+    off = [f"{p['name']} ({p['detail']})" for p in record["patches"] if not p["on"]]
+    lines = [f"- tier {record['tier']}: {', '.join(applied) or 'no patches'}"
+             + (f"; off: {'; '.join(off)}" if off else "")]
+    if record["compile"] is not None:
+        warm = record["compile"]
+        lines.append(f"- compile warm-up {warm['seconds']:.1f} s: {warm['detail']}" if warm["compiled"]
+                     else f"- no compile warm-up: {warm['detail']}")
+    calls, cache = record["model_calls"], record["step_cache"]
+    if cache is None:
+        lines.append(f"- {calls['computed']}/{calls['total']} model calls computed (no step cache)")
+    else:
+        skipped = ", ".join(str(i + 1) for i in record["skipped_steps"]) or "none"
+        lines.append(f"- {cache['method']}: {calls['computed']}/{calls['total']} model calls computed, "
+                     f"{calls['skipped']} skipped; steps that reused the cache entirely: {skipped}")
+    return lines

@@ -1,22 +1,76 @@
-"""The `warm-up-compile` task: compile the engine for the run's shapes before timing starts.
+"""The `warm-up-compile` task: compile the engine for the run's shape before timing starts.
 
-Present in every run so the flow's shape is final; it compiles nothing until the
-performance tiers (patches) exist, and says so.
+For the balanced and speed tiers it applies the tier to the run's pipeline (loading it if this
+process has not yet) and runs one forward per resident expert at the run's exact shape: the video
+size, the frame count, the I2V latent grid the image's aspect ratio gives, and the batch the loop
+will use. The compiled kernels persist on disk, so a second process at the same shape re-traces but
+does not re-compile. The quality tier compiles nothing, and compile is off where it does not pay
+(no CUDA GPU, no Triton): the task then says why and returns at once.
 """
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import dataclass
+
+from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from patches.compile import CACHE_ENV, warm_up
+from patches.tiers import plan_tier
+from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice, tier_options
+from wan_engine.pipeline import i2v_latent_grid
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What the warm-up did: the compile warm-up's seconds, or why there was none."""
+
+    tier: str
+    compiled: bool
+    seconds: float  # the warm-up forwards, compilation included (0 when nothing was compiled)
+    load_s: float   # loading the pipeline, when the warm-up was the first to need it
+    detail: str     # what was compiled, or why nothing was
+
+    def record(self) -> dict:
+        return {"compiled": self.compiled, "seconds": round(self.seconds, 3), "detail": self.detail}
+
 
 @task(name="warm-up-compile", retries=0, cache_policy=NO_CACHE)
-def warm_up_compile(tier: str, device: str, cache_dir: str) -> float:
-    """Returns the seconds spent compiling (0: nothing to compile yet).
+def warm_up_compile(tier: str, device: str, cache_dir: str, *, checkpoint: str, size: str, frame_count: int,
+                    steps: int, shift: float, solver: str = "unipc", image: str | None = None,
+                    teacache_threshold: float | None = None, gpus: int = 1) -> WarmUp:
+    """Compile the tier's blocks at the run's shape; returns what it did and the seconds it took.
 
-    `cache_dir` is where compiled artefacts will persist, so a shape compiled once costs nothing later.
+    `cache_dir` holds the compiled kernels (`<cache_dir>/inductor`) unless TORCHINDUCTOR_CACHE_DIR is set.
     """
-    get_run_logger().info(
-        "warm-up skipped: tier %r applies no compiled patches yet (performance tiers are not implemented), "
-        "so there is nothing to compile on %s (compile cache: %s)", tier, device, cache_dir,
-    )
-    return 0.0
+    logger = get_run_logger()
+    if tier == "quality":
+        detail = "the quality tier runs eager: nothing to compile"
+        logger.info("warm-up skipped: %s", detail)
+        return WarmUp(tier, False, 0.0, 0.0, detail)
+    options = tier_options(tier, teacache_threshold)
+    compile_entry = next(p for p in plan_tier(tier, device, options=options) if p.name == "compile")
+    if not compile_entry.on:
+        detail = f"compile is off on {device}: {compile_entry.detail}"
+        logger.info("warm-up skipped for tier %s: %s; the run goes on eager", tier, detail)
+        return WarmUp(tier, False, 0.0, 0.0, detail)
+
+    w, h = (int(v) for v in size.split("*"))
+    with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
+        started = time.perf_counter()
+        pipe, _ = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, steps=steps, shift=shift,
+                                      solver=solver, cache_dir=cache_dir)
+        load_s = time.perf_counter() - started
+        latent_hw = None
+        if pipe.spec.task == "i2v" and image is not None:
+            with Image.open(image) as img:  # reads the header only: the size
+                latent_hw = i2v_latent_grid((img.height, img.width), w * h, pipe.spec.vae_stride[1],
+                                            pipe.spec.patch_size[1])
+        seconds = warm_up(pipe, (w, h), frame_count, latent_hw=latent_hw)
+    cache = os.environ.get(CACHE_ENV, "torch's default") if options.compile_backend == "inductor" else "none"
+    detail = (f"{compile_entry.detail}: warmed {size}, {frame_count} frames"
+              + (f", latent grid {latent_hw[0]}x{latent_hw[1]}" if latent_hw else "") + f"; kernel cache {cache}")
+    logger.info("compile warm-up for tier %s took %.1f s (%s)", tier, seconds, detail)
+    return WarmUp(tier, True, seconds, load_s, detail)

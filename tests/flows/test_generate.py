@@ -7,14 +7,26 @@ import uuid
 import imageio_ffmpeg
 import pytest
 import torch
+from PIL import Image
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.context import FlowRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.states import Cancelling
+from torch._dynamo.utils import counters
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
 from flows.settings import get_settings
+from patches.step_cache import plan_sampling
+from patches.teacache import published_coefficients, teacache_rel_l1, teacache_schedule
 from tasks import denoise as denoise_module
 from tasks import pipelines
 from tasks.allocate import limit_name
@@ -99,21 +111,28 @@ def test_cancelling_the_run_stops_between_steps_and_frees_the_gpus(prefect_serve
     assert not list(wan_env.glob("*/*/video.mp4"))
 
 
-class _OutOfMemoryPipeline:
-    def generate(self, *args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+def _out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
 def test_out_of_memory_fails_with_next_steps_and_frees_the_gpus(prefect_server, wan_env, monkeypatch):
     base = _simulate_two_gpus(monkeypatch)
+    load_pipeline = pipelines.wan_engine.load_pipeline
+
+    def out_of_memory_pipeline(*args, **kwargs):  # a real pipeline (the tier applies to it) that runs out
+        pipe = load_pipeline(*args, **kwargs)
+        pipe.generate = _out_of_memory
+        return pipe
+
     monkeypatch.setattr(pipelines, "_PIPELINES", {})
-    monkeypatch.setattr(pipelines.wan_engine, "load_pipeline", lambda *a, **k: _OutOfMemoryPipeline())
+    monkeypatch.setattr(pipelines, "_TIERS", {})
+    monkeypatch.setattr(pipelines.wan_engine, "load_pipeline", out_of_memory_pipeline)
     state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="concurrent"), return_state=True)
     assert state.is_failed()
     for advice in ("ran out of memory", "shorter video", "lower resolution", "more GPUs", "offload"):
         assert advice in state.message
     assert _active_slots(base) == [0, 0]
-    assert pipelines._PIPELINES == {}  # the pipeline's memory was given back too
+    assert pipelines._PIPELINES == {} and pipelines._TIERS == {}  # the pipeline's memory was given back too
 
 
 @pytest.mark.parametrize("field, value", [("size", "1280*720"), ("frame_count", 7)])
@@ -128,3 +147,92 @@ def test_flow_parameter_schema_gives_the_ui_dropdowns():
     request = generate_video.parameters.model_dump()["definitions"]["GenerationRequest"]["properties"]
     assert {"tiny", "t2v-A14B"} <= set(request["task"]["anyOf"][0]["enum"])
     assert request["strategy"]["anyOf"][0]["enum"] == ["auto", "max_speed", "concurrent"]
+
+
+def _artifacts(flow_run_id) -> dict[str | None, object]:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {artifact.key: artifact for artifact in artifacts}
+
+
+def _run_log(flow_run_id) -> str:
+    """Every line the run sent to the Prefect API (what its page in the UI shows)."""
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def test_speed_tier_skips_the_scheduled_steps_and_records_them(prefect_server, wan_env):
+    request = GenerationRequest(task="tiny", prompt="a kite over the dunes", frame_count=5, size="64*64", seed=5,
+                                tier="speed", teacache_threshold=0.25)
+    state = generate_video(request, return_state=True)
+    assert state.is_completed(), state.message
+    record = json.loads(state.result().metadata.read_text())
+
+    # The schedule, computed here from the published figures and the checkpoint's time embedding.
+    pipe = pipelines.get_pipeline("tiny", "cpu")
+    plan = plan_sampling(pipe.spec, request.steps, request.shift, request.solver)
+    cache = record["step_cache"]
+    expected = teacache_schedule(plan, teacache_rel_l1(pipe.experts, plan, "e0"), 0.25,
+                                 published_coefficients("t2v-A14B", "e0"), batched=cache["batched"])
+    assert (cache["method"], cache["settings"]["threshold"]) == ("teacache", 0.25)
+    assert cache["computed_steps"] == expected.computed_steps() == cache["executed_computed_steps"]
+    assert cache["matches_schedule"]
+    assert record["model_calls"] == expected.counts() and record["model_calls"]["skipped"] > 0
+    assert record["skipped_steps"] == expected.skipped_steps()["cond"] == expected.skipped_steps()["uncond"]
+    assert [record["block_stack_per_step"][i] for i in record["skipped_steps"]] == ["reused"] * len(
+        record["skipped_steps"])
+    on = {p["name"]: p["detail"] for p in record["patches"] if p["on"]}
+    assert list(on) == ["attention", "resident", "teacache"] and "threshold 0.25" in on["teacache"]
+    assert record["compile"]["compiled"] is False and "no CUDA GPU" in record["compile"]["detail"]
+
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    calls = record["model_calls"]
+    assert (f"teacache: {calls['computed']}/{calls['total']} model calls computed, {calls['skipped']} skipped"
+            in artifacts["generated-video"].data)
+    table = json.loads(artifacts["generation-timings"].data)
+    steps = [row for row in table if row["phase"].startswith("step ")]
+    assert [row["block stack"] for row in steps] == record["block_stack_per_step"]
+    assert "reused" in artifacts[None].description  # the progress artifact counts the reused steps
+
+
+def test_balanced_tier_on_a_cpu_says_why_compile_is_off_and_completes(prefect_server, wan_env):
+    request = GenerationRequest(task="tiny", prompt="a tram in the fog", frame_count=5, size="64*64", steps=4,
+                                seed=2, tier="balanced")
+    state = generate_video(request, return_state=True)
+    assert state.is_completed(), state.message
+    record = json.loads(state.result().metadata.read_text())
+    assert "warm-up skipped for tier balanced: compile is off on cpu: no CUDA GPU" in _run_log(
+        state.state_details.flow_run_id)
+    assert not record["compile"]["compiled"] and record["compile"]["seconds"] == 0
+    assert "no CUDA GPU" in record["compile"]["detail"] and "compile_warm_up" not in record["timings_s"]
+    compile_entry = next(p for p in record["patches"] if p["name"] == "compile")
+    assert not compile_entry["on"] and "no CUDA GPU" in compile_entry["detail"]
+    assert record["step_cache"] is None and record["skipped_steps"] == []  # MagCache is for I2V only
+    assert record["model_calls"] == {"computed": 2 * request.steps, "skipped": 0, "total": 2 * request.steps}
+
+
+def test_compile_warm_up_compiles_the_run_shape_once(prefect_server, wan_env, monkeypatch, tmp_path):
+    """With a trace-only backend the compile path runs on a CPU: the warm-up compiles the shape the run
+    then uses (an I2V latent grid from a non-square image, batched guidance), so denoising compiles nothing."""
+    monkeypatch.setattr(pipelines, "COMPILE_BACKEND", "eager")
+    image = tmp_path / "first.png"
+    Image.new("RGB", (80, 48), (200, 120, 40)).save(image)  # latent grid 6x10, not the 8x8 of 64*64
+    request = GenerationRequest(task="tiny-i2v", prompt="a lantern swaying", image=str(image), frame_count=5,
+                                size="64*64", steps=4, seed=1, tier="balanced")
+    torch.compiler.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    state = generate_video(request, return_state=True)
+    assert state.is_completed(), state.message
+    record = json.loads(state.result().metadata.read_text())
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # one graph for every block, made in the warm-up
+    warm = record["compile"]
+    assert warm["compiled"] and warm["seconds"] > 0 and "latent grid 6x10" in warm["detail"]
+    assert record["timings_s"]["compile_warm_up"] == pytest.approx(warm["seconds"], abs=1e-3)
+    assert next(p for p in record["patches"] if p["name"] == "compile")["on"]
+    cache = record["step_cache"]  # balanced applies MagCache to I2V
+    assert cache["method"] == "magcache" and cache["matches_schedule"]
+    assert f"compile warm-up {warm['seconds']:.1f} s" in _artifacts(
+        state.state_details.flow_run_id)["generated-video"].data

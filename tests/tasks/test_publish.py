@@ -5,9 +5,14 @@ import datetime as dt
 import json
 
 import pytest
+import torch
 
 from tasks import publish as publish_module
-from tasks.publish import STAGING, publish_files, slugify
+from tasks.allocate import Allocation
+from tasks.denoise import Denoised
+from tasks.encode import EncodedVideo
+from tasks.publish import STAGING, build_record, publish_files, slugify
+from tasks.warmup import WarmUp
 
 DAY = dt.date(2026, 3, 14)
 
@@ -54,3 +59,23 @@ def test_slugify():
     assert slugify("A red fox, trotting through SNOW!") == "a-red-fox-trotting-through-snow"
     assert slugify("色调艳丽") == "video"
     assert len(slugify("x" * 100)) == 40
+
+
+def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
+    schedule = {"method": "teacache", "computed_steps": {"cond": [0, 1, 3], "uncond": [0, 1, 3]},
+                "skipped_steps": {"cond": [2], "uncond": [2]}, "computed": 6, "skipped": 2, "total": 8}
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 1.0},
+                        step_seconds=[0.5, 0.5, 0.01, 0.5], experts_per_step=["high_noise"] * 4,
+                        tier={"tier": "speed", "patches": [{"name": "teacache", "on": True, "detail": "0.3"}]},
+                        step_cache=schedule, block_stack=["computed", "computed", "reused", "computed"])
+    video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    warm = WarmUp("speed", True, 12.5, 3.0, "torch.compile (inductor) of the repeated blocks")
+    record = build_record({"tier": "speed", "prompt": "p"}, denoised, video, Allocation(), "run", warm)
+    assert record["tier"] == "speed" and record["patches"] == denoised.tier["patches"]
+    assert record["compile"] == {"compiled": True, "seconds": 12.5, "detail": warm.detail}
+    assert record["timings_s"]["compile_warm_up"] == 12.5 and record["timings_s"]["load"] == 4.0
+    assert record["step_cache"] == schedule and record["skipped_steps"] == [2]
+    assert record["model_calls"] == {"computed": 6, "skipped": 2, "total": 8}
+    assert record["block_stack_per_step"][2] == "reused"
+    markdown = "\n".join(publish_module._tier_lines(record))
+    assert "teacache: 6/8 model calls computed, 2 skipped" in markdown and "compile warm-up 12.5 s" in markdown

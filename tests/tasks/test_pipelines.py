@@ -1,0 +1,42 @@
+"""The per-process pipeline cache: one copy of the weights, the requested tier applied in place,
+each run's step cache prepared for that run."""
+from __future__ import annotations
+
+from tasks.pipelines import get_tiered_pipeline
+
+
+def _generate(pipe, steps: int):
+    return pipe.generate("a heron", size=(64, 64), frame_num=5, steps=steps, seed=0, decode=False)
+
+
+def test_the_cached_pipeline_changes_tier_in_place():
+    pipe, speed = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=10)
+    assert pipe.block_stack_hook is speed.step_cache and speed.tier == "speed"
+
+    same, again = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=6)
+    assert (same, again) == (pipe, speed)  # kept applied; the schedule follows the run's settings
+    assert speed.step_cache.schedule.plan.steps == 6
+
+    _, stricter = get_tiered_pipeline("tiny", "cpu", "speed", 0.4)
+    assert stricter is not speed and not speed.active  # another threshold: the old cache is removed first
+    assert stricter.step_cache.metadata()["settings"]["threshold"] == 0.4
+
+    _, balanced = get_tiered_pipeline("tiny", "cpu", "balanced", 0.4)
+    assert get_tiered_pipeline("tiny", "cpu", "balanced", 0.1)[1] is balanced  # the threshold is speed's only
+    assert pipe.block_stack_hook is None and balanced.step_cache is None  # MagCache is for I2V
+
+    _, quality = get_tiered_pipeline("tiny", "cpu", "quality")
+    assert not balanced.active and [p.name for p in quality.plan] == ["precision", "attention", "resident"]
+
+
+def test_a_reused_step_cache_starts_each_run_clean():
+    pipe, handle = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=7)
+    _generate(pipe, 7)
+    _, again = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=6)
+    assert again is handle
+    _generate(pipe, 6)
+    cache = handle.step_cache
+    assert [c.step for c in cache.calls] == list(range(6))  # only this run's calls
+    executed = [c.step for c in cache.calls if c.computed]
+    assert executed == cache.computed_steps["cond"] == cache.computed_steps["uncond"]
+    get_tiered_pipeline("tiny", "cpu", "quality")
