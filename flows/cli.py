@@ -6,6 +6,9 @@
     wanflow patches                   what each performance tier applies on this machine, and why not
     wanflow bench --model t2v-A14B    seconds per step, MFU and peak memory per tier (random weights)
     wanflow calibrate --checkpoint D  record the step caches' figures for a checkpoint, saved next to it
+    wanflow setup                     prepare the Prefect server: GPU limits, work pool, deployments, automation
+    wanflow worker                    run this host's Prefect worker for the deployments
+    wanflow batch MANIFEST            generate every entry of a manifest (YAML or JSONL); done ones are skipped
 
 Runs use the Prefect server in PREFECT_API_URL, or start Prefect's embedded one.
 """
@@ -46,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     gpus = commands.add_parser("gpus", help="print the detected GPU profile")
     gpus.add_argument("--json", action="store_true", help="machine-readable output")
     _add_engine_commands(commands)
+    _add_service_commands(commands)
     args = parser.parse_args(argv)
 
     if args.command in ENGINE_COMMANDS:
         return ENGINE_COMMANDS[args.command](args)
+    if args.command in SERVICE_COMMANDS:
+        return SERVICE_COMMANDS[args.command](args)
     if args.command == "gpus":
         return _print_gpus(args.json)
     if args.command == "demo":
@@ -210,6 +216,75 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 ENGINE_COMMANDS = {"patches": _print_patches, "bench": _run_bench, "calibrate": _calibrate}
+
+
+def _add_service_commands(commands) -> None:
+    """`setup`, `worker` and `batch`: wanflow as a Prefect service (deployments/, flows/batch.py)."""
+    setup = commands.add_parser("setup", help="prepare the Prefect server: GPU limits, work pool, deployments, "
+                                "crashed-run automation")
+    setup.add_argument("--port", type=int, default=4200,
+                       help="port of the local server started when no PREFECT_API_URL is configured")
+    worker = commands.add_parser("worker", help="run this host's Prefect worker (prefect worker start --pool ...)")
+    worker.add_argument("--pool", help="work pool (default: the one prefect.yaml names)")
+    worker.add_argument("--name", help="worker name (default: wanflow-<WAN_NODE_NAME or host name>)")
+    worker.add_argument("--limit", type=int, help="runs at once on this host (default: no limit, the GPU slots "
+                        "queue them)")
+    batch = commands.add_parser("batch", help="generate every entry of a manifest (YAML or JSONL)")
+    batch.add_argument("manifest", help="YAML or JSONL file, one request per entry")
+    batch.add_argument("--defaults", help='request fields for entries that set none, as JSON: \'{"task": "tiny"}\'')
+    batch.add_argument("--regenerate", action="store_true", help="generate entries done before again")
+    batch.add_argument("--verbose", action="store_true", help="show Prefect's run logs")
+
+
+def _setup(args: argparse.Namespace) -> int:
+    from deployments.server import ServerError
+    from deployments.setup import SetupError, setup
+
+    try:
+        report = setup(port=args.port)
+    except (ServerError, SetupError) as exc:
+        print(f"setup failed: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    print("next: `wanflow worker` on every GPU host (docs/deploy.md)", file=sys.stderr)
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from deployments.worker import WorkerError, run_worker
+
+    try:
+        run_worker(args.pool, args.name, args.limit)  # returns only when it cannot start
+    except WorkerError as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+    return 1
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import json
+
+    from flows.batch import ManifestError, batch_generate, load_manifest
+
+    try:
+        defaults = json.loads(args.defaults) if args.defaults else None
+        entries = load_manifest(args.manifest, defaults)
+    except (ManifestError, json.JSONDecodeError) as exc:
+        print(f"invalid manifest: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.manifest}: {len(entries)} entries", file=sys.stderr)
+    if not args.verbose:
+        _quiet_prefect_console()
+    state = batch_generate(args.manifest, defaults, skip_existing=not args.regenerate, return_state=True)
+    rows = state.result(raise_on_failure=False)
+    for row in rows if isinstance(rows, list) else []:
+        print(f"line {row['line']:>4}  {row['status']:<9} {row['duration_s']:>7.1f} s  {row['output']}")
+    if not state.is_completed():
+        print(f"batch ended {state.type.value.lower()}: {state.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SERVICE_COMMANDS = {"setup": _setup, "worker": _worker, "batch": _batch}
 
 
 if __name__ == "__main__":
