@@ -2,7 +2,7 @@
 
 | tier     | applies                                                                      |
 | quality  | TF32 matmul + cuDNN, cuDNN benchmark; attention backend; everything resident |
-| balanced | quality + torch.compile of the repeated blocks (+ MagCache for I2V)          |
+| balanced | quality + torch.compile of the repeated blocks, bf16 VAE decode (+ MagCache for I2V) |
 | speed    | balanced + TeaCache (threshold, default 0.25) or MagCache                    |
 
 "Everything resident" is the loader's memory plan (decided from free VRAM when the pipeline is
@@ -28,6 +28,7 @@ from .attention import AttentionConfig, apply_attention, fa4_status
 from .base import Handle, PatchStack
 from .compile import CompileConfig, apply_compile, compile_status
 from .precision import PrecisionConfig, apply_precision, tf32_status
+from .vae_decode import apply_vae_decode, vae_decode_status
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ def plan_tier(tier: str, device: torch.device | str, task: str | None = None, op
     compile_cfg = CompileConfig(backend=options.compile_backend)
     plan.append(PlannedPatch("compile", on, why,
                              (lambda p: apply_compile(p, compile_cfg)) if on else None))
+    on, why = vae_decode_status(device)
+    plan.append(PlannedPatch("vae_decode", on, why, apply_vae_decode if on else None))
     if tier == "speed":
         cache = _step_cache(options.step_cache, options.threshold, sampling)
         if task in ("i2v", None) and options.step_cache != "magcache":

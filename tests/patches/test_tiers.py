@@ -65,15 +65,17 @@ def test_patches_apply_in_order_and_remove_last_first(pipe, monkeypatch):
             return PatchHandle(name, lambda: events.append(f"-{name}"))
         return apply
 
-    for name in ("precision", "attention", "compile"):
+    for name in ("precision", "attention", "compile", "vae_decode"):
         monkeypatch.setattr(tiers, f"apply_{name}", recorder(name))
     monkeypatch.setattr(tiers, "tf32_status", lambda device: (True, "test"))
     monkeypatch.setattr(tiers, "compile_status", lambda device, backend: (True, "test"))
+    monkeypatch.setattr(tiers, "vae_decode_status", lambda device: (True, "test"))
     handle = apply_tier(pipe, "balanced")
-    assert events == ["+precision", "+attention", "+compile"]
+    assert events == ["+precision", "+attention", "+compile", "+vae_decode"]
     handle.remove()
-    assert events[3:] == ["-compile", "-attention", "-precision"]
-    assert [p["name"] for p in handle.summary()["patches"]] == ["precision", "attention", "resident", "compile"]
+    assert events[4:] == ["-vae_decode", "-compile", "-attention", "-precision"]
+    assert [p["name"] for p in handle.summary()["patches"]] == ["precision", "attention", "resident", "compile",
+                                                                "vae_decode"]
 
 
 @pytest.mark.parametrize("tier", ["quality", "balanced"] + (["speed"] if has_caches else []))
