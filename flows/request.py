@@ -77,7 +77,8 @@ class GenerationRequest(BaseModel):
     )
     solver: Solver = "unipc"
     seed: int | None = Field(None, ge=0, lt=2**63, description="Unset: a random seed, recorded with the video.")
-    tier: Tier | None = Field(None, description="Performance tier (recorded; tiers arrive with the patches).")
+    tier: Tier | None = Field(None, description="Performance tier: quality (as official), balanced (+ compile, "
+                                                "bf16 VAE decode), speed (+ step caching).")
     teacache_threshold: float = Field(0.25, ge=0.05, le=0.5, description="TeaCache threshold for the speed tier.")
     strategy: Strategy | None = Field(
         None, description="How runs share the GPUs; unset: WAN_DEFAULT_STRATEGY."
