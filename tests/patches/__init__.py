@@ -20,3 +20,8 @@ def tiny_pipeline() -> wan_engine.WanPipeline:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WAN_CACHE_DIR", folder)
         return wan_engine.load_pipeline("tiny", dtype=torch.float32)
+
+
+def generate(pipe) -> torch.Tensor:
+    """A short, seeded run: the latents patch tests compare before, while and after patching."""
+    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents

@@ -11,25 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import patches.attention as attention
-import wan_engine
 from patches.attention import AttentionConfig, apply_attention, fa4_attention, select_backend
 from patches.compile import CompileConfig, apply_compile
-from tests.conftest import ORACLE_DIR, rel_err
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return wan_engine.load_pipeline(ORACLE_DIR / "t2v-A14B-tiny", device="cpu", dtype=torch.float32)
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents
-
-
-@pytest.fixture(scope="module")
-def reference(pipe) -> torch.Tensor:
-    """The unpatched result, made before any test of the module patches the pipeline."""
-    return generate(pipe)
+from tests.conftest import rel_err
+from tests.patches import generate
 
 
 @pytest.fixture

@@ -3,27 +3,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 
-import wan_engine
 from patches.compile import CACHE_ENV, CompileConfig, apply_compile, compile_status, wanflow_inductor_dir, warm_up
-from tests.conftest import ORACLE_DIR
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return wan_engine.load_pipeline(ORACLE_DIR / "t2v-A14B-tiny", device="cpu", dtype=torch.float32)
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents
-
-
-@pytest.fixture(scope="module")
-def reference(pipe) -> torch.Tensor:
-    """The unpatched result, made before any test of the module patches the pipeline."""
-    return generate(pipe)
+from tests.patches import generate
 
 
 class CountingBackend:

@@ -1,27 +1,10 @@
 """Precision patch: the process-wide TF32 / cuDNN settings change while applied and come back exactly."""
 from __future__ import annotations
 
-import pytest
 import torch
 
-import wan_engine
 from patches.precision import PrecisionConfig, apply_precision, precision_state, restore_precision, tf32_status
-from tests.conftest import ORACLE_DIR
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return wan_engine.load_pipeline(ORACLE_DIR / "t2v-A14B-tiny", device="cpu", dtype=torch.float32)
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents
-
-
-@pytest.fixture(scope="module")
-def reference(pipe) -> torch.Tensor:
-    """The unpatched result, made before any test of the module patches the pipeline."""
-    return generate(pipe)
+from tests.patches import generate
 
 
 def test_apply_changes_and_remove_restores_the_global_settings():

@@ -7,27 +7,11 @@ import pytest
 import torch
 
 import patches.tiers as tiers
-import wan_engine
 from patches.base import PatchHandle
 from patches.tiers import TierOptions, apply_tier, describe_tiers, format_tiers
-from tests.conftest import ORACLE_DIR
+from tests.patches import generate
 
 has_caches = all(importlib.util.find_spec(m) for m in ("patches.teacache", "patches.magcache"))
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return wan_engine.load_pipeline(ORACLE_DIR / "t2v-A14B-tiny", device="cpu", dtype=torch.float32)
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe.generate("a cat", size=(64, 64), frame_num=5, steps=2, seed=0, decode=False).latents
-
-
-@pytest.fixture(scope="module")
-def reference(pipe) -> torch.Tensor:
-    """The unpatched result, made before any test of the module patches the pipeline."""
-    return generate(pipe)
 
 
 def entries(plan) -> dict:
