@@ -66,7 +66,7 @@ class SetupReport:
         tags = ", ".join(self.gpu_tags) or "none (no GPU on this host: CPU runs take no slot)"
         return [
             f"Prefect API: {self.api_url} ({self.server})",
-            f"GPU limits (1 slot each): {tags}" + (f"; created or reset: {', '.join(self.changed_tags)}"
+            f"GPU limits (1 slot each): {tags}" + (f"; created or corrected: {', '.join(self.changed_tags)}"
                                                   if self.changed_tags else ""),
             f"work pool: {self.work_pool} (process){' created' if self.work_pool_created else ''}",
             f"deployments: {', '.join(self.deployments)}",
