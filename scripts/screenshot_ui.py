@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from deployments.processes import free_port, stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 WANFLOW = [sys.executable, "-m", "flows.cli"]
@@ -35,26 +35,6 @@ CHROMIUM_FLAGS = [
 WINDOW = "1600,1000"
 
 log = logging.getLogger("screenshot_ui")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(40):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pid, signal.SIGKILL)
 
 
 def _chromium() -> str:
@@ -83,7 +63,7 @@ def _run_generation(api: str, timeout: float = 600) -> str:
 
 def screenshot(output: Path, workdir: Path) -> None:
     chromium = _chromium()
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     home = workdir / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "WAN_OUTPUTS_DIR": str(workdir / "outputs"),
@@ -109,9 +89,9 @@ def screenshot(output: Path, workdir: Path) -> None:
                        check=True, capture_output=True, timeout=180)
     finally:
         if worker is not None:
-            _stop(worker.pid)
+            stop_process_group(worker.pid)
         if (home / "server.pid").is_file():
-            _stop(int((home / "server.pid").read_text()))  # what `prefect server stop` does
+            stop_process_group(int((home / "server.pid").read_text()))  # what `prefect server stop` does
     log.info("wrote %s (%d bytes)", output, output.stat().st_size)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,33 +12,15 @@ import time
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
+from deployments.processes import free_port, stop_process_group
+
 WANFLOW = [sys.executable, "-m", "flows.cli"]
 TINY = {"task": "tiny", "prompt": "a lighthouse at dusk", "size": "64*64", "frame_count": 5, "steps": 2, "seed": 1}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    for _ in range(40):
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.5)
-    os.killpg(pid, signal.SIGKILL)
-
-
 @pytest.mark.slow
 def test_setup_then_worker_then_a_triggered_generation_completes(tmp_path):
-    port, home, outputs = _free_port(), tmp_path / "prefect-home", tmp_path / "outputs"
+    port, home, outputs = free_port(), tmp_path / "prefect-home", tmp_path / "outputs"
     env = {**os.environ, "PREFECT_HOME": str(home), "WAN_OUTPUTS_DIR": str(outputs)}
     env.pop("PREFECT_API_URL", None)  # setup starts its own server on 127.0.0.1
     env.pop("WAN_GPU_INVENTORY", None)
@@ -76,7 +56,7 @@ def test_setup_then_worker_then_a_triggered_generation_completes(tmp_path):
         assert (metadata.parent / "video.mp4").stat().st_size > 0
     finally:
         if worker is not None:
-            _stop(worker.pid)
+            stop_process_group(worker.pid)
         pid_file = home / "server.pid"
         if pid_file.is_file():
-            _stop(int(pid_file.read_text()))  # what `prefect server stop` would do
+            stop_process_group(int(pid_file.read_text()))  # what `prefect server stop` would do
