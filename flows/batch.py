@@ -217,7 +217,8 @@ def plan_groups(entries: list[BatchEntry]) -> list[list[BatchEntry]]:
     groups: dict[tuple, list[BatchEntry]] = {}
     for entry in entries:
         r = entry.request
-        key = (r.checkpoint, r.tier, r.teacache_threshold, r.strategy, r.gpus_per_job, tuple(r.gpu_ids or ()))
+        key = (r.checkpoint, r.tier, r.teacache_threshold, r.step_cache, r.strategy, r.gpus_per_job,
+               tuple(r.gpu_ids or ()))
         groups.setdefault(key, []).append(entry)
     first_seen = {}
     for checkpoint, *_ in groups:

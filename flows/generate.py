@@ -36,7 +36,7 @@ def generate_video(request: GenerationRequest) -> Published | State:
     where = {"checkpoint": request.checkpoint, "device": allocation.device, "gpus": len(allocation.gpus)}
     run = {"size": request.size, "frame_count": request.frame_count, "steps": request.steps, "shift": request.shift,
            "solver": request.solver, "image": request.image, "tier": request.tier,
-           "teacache_threshold": request.teacache_threshold}
+           "teacache_threshold": request.teacache_threshold, "step_cache": request.step_cache}
     with hold_gpus(allocation):
         warm = warm_up_compile(cache_dir=str(settings.cache_dir), **run, **where)
         denoised = denoise(prompt=request.prompt, negative_prompt=request.negative_prompt,

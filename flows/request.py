@@ -24,6 +24,7 @@ from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
 TaskName = Literal[tuple(MODEL_SPECS)]  # type: ignore[valid-type]
 SizeName = Literal[tuple(dict.fromkeys(s for spec in MODEL_SPECS.values() for s in spec.size_names()))]  # type: ignore[valid-type]
 Solver = Literal["unipc", "dpm++", "euler"]
+StepCache = Literal["teacache", "magcache"]
 
 DEFAULT_DURATION_RANGE = (2.0, 10.0)
 TINY_DURATION_RANGE = (0.25, 10.0)  # test models: as short as 5 frames, so CPU runs take seconds
@@ -80,6 +81,8 @@ class GenerationRequest(BaseModel):
     tier: Tier | None = Field(None, description="Performance tier: quality (as official), balanced (+ compile, "
                                                 "bf16 VAE decode), speed (+ step caching).")
     teacache_threshold: float = Field(0.25, ge=0.05, le=0.5, description="TeaCache threshold for the speed tier.")
+    step_cache: StepCache = Field("teacache", description="The speed tier's step skipping: teacache (with "
+                                                          "teacache_threshold) or magcache (published schedule).")
     strategy: Strategy | None = Field(
         None, description="How runs share the GPUs; unset: WAN_DEFAULT_STRATEGY."
     )

@@ -156,13 +156,14 @@ class _CancelWatch:
 def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, image: str | None,
             size: str, frame_count: int, steps: int, shift: float, guide_scale: float | None,
             solver: str, seed: int, gpus: int = 1, tier: str = "quality",
-            teacache_threshold: float | None = None) -> Denoised | State:
+            teacache_threshold: float | None = None, step_cache: str = "teacache") -> Denoised | State:
     """Encode the prompt and run the sampler under `tier`; returns the clean latents (no VAE decode here)."""
     logger = get_run_logger()
     w, h = (int(v) for v in size.split("*"))
     with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
         started = time.perf_counter()
-        pipe, handle = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, steps=steps, shift=shift,
+        pipe, handle = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, step_cache=step_cache,
+                                           steps=steps, shift=shift,
                                            solver=solver)
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
         progress = _Progress(steps, handle.step_cache)
@@ -175,18 +176,18 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
             return Cancelled(message=f"cancelled between denoising steps: {exc}")
     logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
                 ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
-    step_cache = None
+    cache_record = None
     computed = {"cond": list(range(steps)), "uncond": list(range(steps))}
     if handle.step_cache is not None:
-        step_cache = _step_cache_record(handle.step_cache)
-        computed = step_cache["executed_computed_steps"]
+        cache_record = _step_cache_record(handle.step_cache)
+        computed = cache_record["executed_computed_steps"]
         logger.info("tier %s, %s: %d/%d model calls computed, %d skipped; computed steps %s",
-                    tier, step_cache["method"], step_cache["computed"], step_cache["total"], step_cache["skipped"],
-                    step_cache["executed_computed_steps"])
-        if not step_cache["matches_schedule"]:
+                    tier, cache_record["method"], cache_record["computed"], cache_record["total"],
+                    cache_record["skipped"], cache_record["executed_computed_steps"])
+        if not cache_record["matches_schedule"]:
             logger.warning("the model calls computed %s differ from the precomputed schedule %s",
-                           step_cache["executed_computed_steps"], step_cache["computed_steps"])
+                           cache_record["executed_computed_steps"], cache_record["computed_steps"])
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
-                    experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=step_cache,
+                    experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
                     block_stack=_block_stack_per_step(computed, steps))

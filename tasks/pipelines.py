@@ -56,22 +56,26 @@ def get_pipeline(checkpoint: str, device: str):
     return _PIPELINES[key]
 
 
-def tier_options(tier: str, teacache_threshold: float | None = None) -> TierOptions:
-    """The options a request's tier runs with: the TeaCache threshold matters to the speed tier only,
-    so other tiers ignore it (and a changed threshold does not re-apply them)."""
-    threshold = teacache_threshold if tier == "speed" else None
-    return TierOptions(step_cache="teacache", threshold=threshold, compile_backend=COMPILE_BACKEND)
+def tier_options(tier: str, teacache_threshold: float | None = None, step_cache: str = "teacache") -> TierOptions:
+    """The options a request's tier runs with: the step-cache choice and the TeaCache threshold matter to the
+    speed tier only, so other tiers ignore them (and changing them does not re-apply those tiers). MagCache
+    runs its published (or calibrated) schedule: the TeaCache threshold does not apply to it."""
+    if tier != "speed":
+        return TierOptions(compile_backend=COMPILE_BACKEND)
+    threshold = teacache_threshold if step_cache == "teacache" else None
+    return TierOptions(step_cache=step_cache, threshold=threshold, compile_backend=COMPILE_BACKEND)
 
 
 def get_tiered_pipeline(checkpoint: str, device: str, tier: str, teacache_threshold: float | None = None, *,
                         steps: int | None = None, shift: float | None = None, solver: str = "unipc",
-                        cache_dir: str | Path | None = None) -> tuple[object, TierHandle]:
+                        step_cache: str = "teacache", cache_dir: str | Path | None = None,
+                        ) -> tuple[object, TierHandle]:
     """The pipeline of `get_pipeline` with `tier` applied, its step cache (if any) prepared for a run with
     these sampling settings. `cache_dir`: where compiled kernels persist (`<cache_dir>/inductor`) unless
     TORCHINDUCTOR_CACHE_DIR is set; it stays set for the process, whose compiled blocks keep using it."""
     pipe = get_pipeline(checkpoint, device)
     key = (checkpoint, device, engine_dtype(device))
-    options = tier_options(tier, teacache_threshold)
+    options = tier_options(tier, teacache_threshold, step_cache)
     applied = _TIERS.get(key)
     if applied is not None and (applied.tier, applied.options) == (tier, options):
         if applied.handle.step_cache is not None:

@@ -40,7 +40,8 @@ class WarmUp:
 @task(name="warm-up-compile", retries=0, cache_policy=NO_CACHE)
 def warm_up_compile(tier: str, device: str, cache_dir: str, *, checkpoint: str, size: str, frame_count: int,
                     steps: int, shift: float, solver: str = "unipc", image: str | None = None,
-                    teacache_threshold: float | None = None, gpus: int = 1) -> WarmUp:
+                    teacache_threshold: float | None = None, step_cache: str = "teacache",
+                    gpus: int = 1) -> WarmUp:
     """Compile the tier's blocks at the run's shape; returns what it did and the seconds it took.
 
     `cache_dir` holds the compiled kernels (`<cache_dir>/inductor`) unless TORCHINDUCTOR_CACHE_DIR is set.
@@ -50,7 +51,7 @@ def warm_up_compile(tier: str, device: str, cache_dir: str, *, checkpoint: str, 
         detail = "the quality tier runs eager: nothing to compile"
         logger.info("warm-up skipped: %s", detail)
         return WarmUp(tier, False, 0.0, 0.0, detail)
-    options = tier_options(tier, teacache_threshold)
+    options = tier_options(tier, teacache_threshold, step_cache)
     compile_entry = next(p for p in plan_tier(tier, device, options=options) if p.name == "compile")
     if not compile_entry.on:
         detail = f"compile is off on {device}: {compile_entry.detail}"
@@ -60,7 +61,8 @@ def warm_up_compile(tier: str, device: str, cache_dir: str, *, checkpoint: str, 
     w, h = (int(v) for v in size.split("*"))
     with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
         started = time.perf_counter()
-        pipe, _ = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, steps=steps, shift=shift,
+        pipe, _ = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, step_cache=step_cache,
+                                      steps=steps, shift=shift,
                                       solver=solver, cache_dir=cache_dir)
         load_s = time.perf_counter() - started
         latent_hw = None

@@ -198,6 +198,19 @@ def test_speed_tier_skips_the_scheduled_steps_and_records_them(prefect_server, w
     assert "reused" in artifacts[None].description  # the progress artifact counts the reused steps
 
 
+def test_speed_tier_runs_magcache_when_asked(prefect_server, wan_env):
+    request = GenerationRequest(task="tiny", prompt="a kite over the dunes", frame_count=5, size="64*64", seed=5,
+                                tier="speed", step_cache="magcache")
+    state = generate_video(request, return_state=True)
+    assert state.is_completed(), state.message
+    record = json.loads(state.result().metadata.read_text())
+    cache = record["step_cache"]
+    assert cache["method"] == "magcache" and cache["matches_schedule"]
+    assert record["model_calls"]["skipped"] > 0 and record["skipped_steps"]
+    on = [p["name"] for p in record["patches"] if p["on"]]
+    assert "magcache" in on and "teacache" not in on
+
+
 def test_balanced_tier_on_a_cpu_says_why_compile_is_off_and_completes(prefect_server, wan_env):
     request = GenerationRequest(task="tiny", prompt="a tram in the fog", frame_count=5, size="64*64", steps=4,
                                 seed=2, tier="balanced")

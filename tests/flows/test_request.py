@@ -117,3 +117,11 @@ def test_json_schema_has_dropdowns_and_ranges(wan_env):
     assert enum("strategy") == ["auto", "max_speed", "concurrent"]
     assert properties["solver"]["enum"] == ["unipc", "dpm++", "euler"]
     assert (properties["teacache_threshold"]["minimum"], properties["teacache_threshold"]["maximum"]) == (0.05, 0.5)
+
+
+def test_the_speed_tier_step_cache_is_a_choice():
+    assert GenerationRequest(task="tiny", frame_count=5, step_cache="magcache").step_cache == "magcache"
+    with pytest.raises(ValueError, match="step_cache"):
+        GenerationRequest(task="tiny", frame_count=5, step_cache="fastcache")
+    enum = GenerationRequest.model_json_schema()["properties"]["step_cache"]["enum"]
+    assert enum == ["teacache", "magcache"]

@@ -40,3 +40,12 @@ def test_a_reused_step_cache_starts_each_run_clean():
     executed = [c.step for c in cache.calls if c.computed]
     assert executed == cache.computed_steps["cond"] == cache.computed_steps["uncond"]
     get_tiered_pipeline("tiny", "cpu", "quality")
+
+
+def test_the_speed_tier_runs_the_requested_step_cache():
+    from tasks.pipelines import tier_options
+
+    assert tier_options("speed", 0.3).step_cache == "teacache" and tier_options("speed", 0.3).threshold == 0.3
+    magcache = tier_options("speed", 0.3, "magcache")
+    assert magcache.step_cache == "magcache" and magcache.threshold is None   # its published schedule
+    assert tier_options("balanced", 0.3, "magcache") == tier_options("balanced")
