@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 
-from wan_engine.dit import DiTConfig, WanDiT  # noqa: E402
+from wan_engine.dit import DiTConfig  # noqa: E402
+from wan_engine.tiny import random_dit  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 SMOKE = dict(A14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2)   # --smoke: check the script on a CPU
@@ -184,26 +185,12 @@ def main() -> None:
     W.m_model.flash_attention = sdpa_attention
     with torch.device("meta"):
         official = W.WanModel(**arch)
-    with torch.device("meta"):
-        ours = WanDiT(DiTConfig(**arch))
-    gen = torch.Generator(device=dev).manual_seed(0)
-    sd = {}
-    for name, p in ours.state_dict().items():
-        t = torch.randn(p.shape, generator=gen, device=dev, dtype=torch.float32)
-        if name.endswith("modulation"):
-            t = t / p.shape[-1] ** 0.5
-        elif t.ndim >= 2:
-            t = t / t[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t = 0.05 * t
-        else:
-            t = 1 + 0.1 * t
-        sd[name] = t.to(wdtype)
-    official.load_state_dict(sd, assign=True, strict=True)
-    ours.load_state_dict(sd, assign=True, strict=True)
+    ours = random_dit(DiTConfig(**arch), dev, wdtype)
+    sd = ours.state_dict()
+    official.load_state_dict(sd, assign=True, strict=True)   # the same tensors, no copy
     _rebuild_freqs(W, official, dev)
     official.eval().requires_grad_(False)
-    ours.eval().requires_grad_(False)
+    gen = torch.Generator(device=dev).manual_seed(1)   # the inputs' stream
     diffusers = build_diffusers(arch, sd, dev) if any(m.startswith("diffusers") for m in models) else None
 
     lat = (16, (args.frames - 1) // 4 + 1, h // 8, w // 8)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from wan_engine import dit as dit_module  # noqa: E402
 from wan_engine.dit import DiTConfig, WanDiT  # noqa: E402
+from wan_engine.tiny import random_dit  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40)
 
@@ -145,23 +146,7 @@ def elementwise_kernels(L: int, dim: int, heads: int, lat: tuple[int, ...]) -> N
 
 
 def build(blocks: int, dtype: torch.dtype, seed: int = 0) -> WanDiT:
-    with torch.device("meta"):
-        model = WanDiT(DiTConfig(**A14B, num_layers=blocks))
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    sd = {}
-    for name, p in model.state_dict().items():
-        t = torch.randn(p.shape, generator=gen, device="cuda")
-        if name.endswith("modulation"):
-            t = t / p.shape[-1] ** 0.5
-        elif t.ndim >= 2:
-            t = t / t[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t = 0.05 * t
-        else:
-            t = 1 + 0.1 * t
-        sd[name] = t.to(dtype)
-    model.load_state_dict(sd, assign=True, strict=True)
-    return model.eval().requires_grad_(False)
+    return random_dit(DiTConfig(**A14B, num_layers=blocks), "cuda", dtype, seed)
 
 
 def kernel_table(fn, path: Path, rows: int = 25) -> str:

@@ -32,10 +32,10 @@ import torch
 
 from patches.tiers import TIERS, TierOptions, apply_tier, plan_tier
 from wan_engine import MODEL_SPECS, BlockCall, ModelSpec, WanPipeline
-from wan_engine.dit import DiTConfig, WanDiT
+from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
 from wan_engine.samplers import make_schedule
-from wan_engine.tiny import TINY_DIT
+from wan_engine.tiny import TINY_DIT, random_dit
 
 log = logging.getLogger(__name__)
 
@@ -104,29 +104,6 @@ def measure_gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     iters = 20 if device.type == "cuda" else 5
     seconds = timed(lambda: [a @ b for _ in range(iters)], device)
     return 2 * n**3 * iters / seconds
-
-
-@torch.no_grad()
-def random_dit(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> WanDiT:
-    """A DiT of `cfg` with random weights made on `device` (built on meta, one tensor at a time, so a
-    14B model never exists twice): matrices ~ N(0, 1/fan_in), biases small, norm scales near 1."""
-    with torch.device("meta"):
-        model = WanDiT(cfg)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weights = {}
-    for name, p in model.state_dict().items():
-        t = torch.randn(p.shape, generator=gen, device=device)
-        if name.endswith("modulation"):
-            t /= p.shape[-1] ** 0.5
-        elif t.ndim >= 2:
-            t /= t[0].numel() ** 0.5
-        elif name.endswith("bias"):
-            t *= 0.05
-        else:
-            t = 1 + 0.1 * t
-        weights[name] = t.to(dtype)
-    model.load_state_dict(weights, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
 
 
 def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts: int = 1) -> WanPipeline:

@@ -47,24 +47,39 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def _scaled(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A standard-normal draw `t` scaled for parameter `name`: matrices ~ N(0, 1/fan_in), biases
+    small, norm scales near 1, modulation tables ~ N(0, 1/dim)."""
+    if name.endswith("modulation"):
+        return t / math.sqrt(t.shape[-1])
+    if t.ndim >= 2:
+        return t / math.sqrt(t[0].numel())
+    if name.endswith("bias"):
+        return 0.05 * t
+    return 1.0 + 0.1 * t
+
+
 @torch.no_grad()
 def randomise_(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded weights of a sane scale for every parameter (each from its own named stream,
-    so adding a layer does not change the others): matrices ~ N(0, 1/fan_in), biases small,
-    norm scales near 1, modulation tables ~ N(0, 1/dim)."""
+    """Seeded weights of a sane scale for every parameter, each from its own named stream (so adding
+    a layer does not change the others, and the values do not depend on the device)."""
     for name, p in module.named_parameters():
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        t = torch.randn(p.shape, generator=g)
-        if name.endswith("modulation"):
-            t = t / math.sqrt(p.shape[-1])
-        elif p.ndim >= 2:
-            t = t / math.sqrt(p[0].numel())
-        elif name.endswith("bias"):
-            t = 0.05 * t
-        else:
-            t = 1.0 + 0.1 * t
-        p.copy_(t)
+        p.copy_(_scaled(name, torch.randn(p.shape, generator=g)))
     return module
+
+
+@torch.no_grad()
+def random_dit(cfg: DiTConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> WanDiT:
+    """A DiT of `cfg` with random weights drawn on `device` (built on meta and filled one tensor at a
+    time, so a real-size expert never exists twice): for benchmarks at the real size."""
+    with torch.device("meta"):
+        model = WanDiT(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weights = {name: _scaled(name, torch.randn(p.shape, generator=gen, device=device)).to(dtype)
+               for name, p in model.state_dict().items()}
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def _tokenizer_json() -> dict:
