@@ -34,6 +34,7 @@ from .step_cache import (
     StepCacheHandle,
     decide,
     find_calibration,
+    install_step_cache,
     load_figures,
     published_model,
 )
@@ -164,10 +165,4 @@ def apply_magcache(pipe, cfg: MagCacheConfig = MagCacheConfig(), *, steps: int |
         return {batched: magcache_schedule(plan, ratios, threshold, max_skips, retention, batched, source)
                 for batched in (False, True)}
 
-    handle = StepCacheHandle(pipe, build)
-    try:
-        handle.prepare(steps, shift, solver)
-    except Exception:
-        handle.remove()
-        raise
-    return handle
+    return install_step_cache(pipe, build, steps, shift, solver)

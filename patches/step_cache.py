@@ -337,3 +337,15 @@ class StepCacheHandle:
         self._pipe.block_stack_hook = self._inner
         self._residuals.clear()
         self._removed = True
+
+
+def install_step_cache(pipe, build, steps: int | None, shift: float | None, solver: str) -> StepCacheHandle:
+    """Install a step cache whose skip schedules `build(plan)` makes, prepared for a generation with these
+    settings; when preparing fails (bad settings, unreadable figures) nothing stays installed."""
+    handle = StepCacheHandle(pipe, build)
+    try:
+        handle.prepare(steps, shift, solver)
+    except Exception:
+        handle.remove()
+        raise
+    return handle

@@ -35,6 +35,7 @@ from .step_cache import (
     StepCacheHandle,
     decide,
     find_calibration,
+    install_step_cache,
     load_figures,
     published_model,
 )
@@ -184,10 +185,4 @@ def apply_teacache(pipe, cfg: TeaCacheConfig = TeaCacheConfig(), *, steps: int |
         return {batched: teacache_schedule(plan, rel, cfg.threshold, coefficients, cfg.use_ret_steps, batched,
                                            source) for batched in (False, True)}
 
-    handle = StepCacheHandle(pipe, build)
-    try:
-        handle.prepare(steps, shift, solver)
-    except Exception:
-        handle.remove()
-        raise
-    return handle
+    return install_step_cache(pipe, build, steps, shift, solver)
