@@ -34,7 +34,7 @@ from .configs import (
     spec_for_model_type,
 )
 from .dit import DiTConfig, WanDiT
-from .pipeline import HIGH_NOISE, LOW_NOISE, WanPipeline, plan_memory
+from .pipeline import HIGH_NOISE, LOW_NOISE, WanPipeline, activation_bytes, plan_memory
 from .t5 import T5Config, UMT5Encoder
 from .text import PromptTokenizer
 from .tiny import materialise_tiny
@@ -236,7 +236,7 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
     expert_bytes = max(_param_bytes(s, dtype) for s in dit_shapes.values())
     cfg = next(iter(dit_configs.values()))
     largest = max(w * h for w, h in spec.sizes) // 256 * ((spec.frame_num - 1) // 4 + 1)   # tokens
-    activations = largest * (cfg.dim * 16 + cfg.ffn_dim * 4) + (4 << 30)
+    activations = activation_bytes(cfg, largest) + (4 << 30)   # + slack for the VAE and the allocator
     memory = plan_memory(free, expert_bytes, len(dits), _param_bytes(t5_shapes, dtype),
                          _param_bytes(vae_shapes, torch.float32), activations)
     log.info("loading %s from %s on %s (%s): experts %s, text encoder %s", spec.name, root, device, dtype,

@@ -118,6 +118,12 @@ class MemoryPlan:
     text_encoder_resident: bool
 
 
+def activation_bytes(config, tokens: int) -> int:
+    """Rough working memory of one batch-1 DiT forward over `tokens` video tokens: the float32
+    residual stream and its temporaries (16 bytes per channel) plus the FFN hidden (4 per channel)."""
+    return tokens * (config.dim * 16 + config.ffn_dim * 4)
+
+
 def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -199,7 +205,7 @@ class WanPipeline:
             held = [_param_bytes(dit) for dit in self.experts.values() if _on_device(dit, self.device)]
             free += sum(held) - max(_param_bytes(dit) for dit in self.experts.values())
         cfg = next(iter(self.experts.values())).config
-        per_sample = tokens * (cfg.dim * 16 + cfg.ffn_dim * 4)   # the loader's activation estimate
+        per_sample = activation_bytes(cfg, tokens)
         batched = free >= 2 * per_sample
         log.info("classifier-free guidance: %s (free %.1f GB, a batch-1 forward needs about %.1f GB)",
                  "one batch-2 forward per step" if batched else "two forwards per step", free / 1e9,
