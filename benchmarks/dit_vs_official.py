@@ -10,9 +10,13 @@ by every model (same tensors, no second copy). In one process, on one card:
   `_keep_in_fp32_modules` upcast, as `from_pretrained(torch_dtype=bfloat16)` leaves them), eager;
 - diffusers-compiled: the same after `compile_repeated_blocks(fullgraph=True)`, as its docs recommend
   (first call = compile + one forward);
-- ours-compiled (--ours-compiled): our blocks through `patches.compile.apply_compile`, if importable;
+- ours-compiled (--ours-compiled): our blocks through `patches.compile.apply_compile` (the balanced
+  tier's forward);
+- ours-fa4 / ours-compiled-fa4 (--fa4): the same two with FlashAttention-4 installed through
+  `patches.attention` (needs the flash-attn-4 package and a Hopper/Blackwell GPU);
 - the floor: linear FLOPs at the measured 8192^3 bf16 GEMM rate + attention FLOPs at the measured
-  SDPA rate (1 x 40 heads x L x 128, bf16), both measured in the same run.
+  SDPA rate (1 x 40 heads x L x 128, bf16), both measured in the same run; with --fa4 also the floor
+  at the FA4 rate measured at the same shape.
 Prints each model's first-call and median forward time (after the first call), peak memory, its
 ratios to the official, diffusers and the floor, and its relative error against the official output.
 
@@ -111,7 +115,8 @@ def timed(fn, repeats: int, dev: torch.device) -> tuple[float, list[float], torc
     return first, times, out
 
 
-def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: int = 512) -> dict:
+def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: int = 512,
+                  fa4: bool = False) -> dict:
     """The floor of one forward: linear FLOPs at the 8192^3 bf16 GEMM rate + attention FLOPs at the
     SDPA rate at Wan's self-attention shape, both measured now."""
     def rate(fn, flops, repeats=10):
@@ -128,12 +133,24 @@ def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: i
     gemm = rate(lambda: a @ b, 2 * n**3)
     d = cfg.head_dim
     q, k, v = (torch.randn(1, cfg.num_heads, tokens, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
-    sdpa = rate(lambda: F.scaled_dot_product_attention(q, k, v), 4 * tokens * tokens * cfg.num_heads * d,
-                repeats=5)
+    attn_flops = 4 * tokens * tokens * cfg.num_heads * d
+    sdpa = rate(lambda: F.scaled_dot_product_attention(q, k, v), attn_flops, repeats=5)
     attn = cfg.num_layers * (4 * tokens * tokens * cfg.dim + 4 * tokens * text_tokens * cfg.dim)
     linear = cfg.flops_per_forward(tokens, text_tokens) - attn
-    return dict(gemm_tflops=gemm / 1e12, sdpa_tflops=sdpa / 1e12, linear_tflop=linear / 1e12,
-                attention_tflop=attn / 1e12, seconds=linear / gemm + attn / sdpa)
+    floor = dict(gemm_tflops=gemm / 1e12, sdpa_tflops=sdpa / 1e12, linear_tflop=linear / 1e12,
+                 attention_tflop=attn / 1e12, seconds=linear / gemm + attn / sdpa)
+    if fa4:
+        from patches.attention import fa4_attention
+
+        t0 = time.perf_counter()
+        out = fa4_attention(q, k, v)   # the first call JIT-compiles the kernel
+        _sync(dev)
+        floor["fa4_first_s"] = time.perf_counter() - t0
+        fa4_rate = rate(lambda: fa4_attention(q, k, v), attn_flops, repeats=5)
+        ref = F.scaled_dot_product_attention(q, k, v).float()
+        floor.update(fa4_tflops=fa4_rate / 1e12, fa4_seconds=linear / gemm + attn / fa4_rate,
+                     fa4_vs_sdpa_rel=((out.float() - ref).norm() / ref.norm()).item())
+    return floor
 
 
 def build_diffusers(arch: dict, sd: dict, dev: torch.device):
@@ -164,6 +181,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     ap.add_argument("--ours-compiled", action="store_true",
                     help="also our blocks compiled by patches.compile.apply_compile (balanced tier's forward)")
+    ap.add_argument("--fa4", action="store_true",
+                    help="also ours (and ours compiled, with --ours-compiled) on FlashAttention-4, and the FA4 floor")
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--smoke", action="store_true", help="toy width on the CPU, to check the script itself")
     args = ap.parse_args()
@@ -200,7 +219,7 @@ def main() -> None:
     t = torch.tensor([args.timestep], device=dev)
     ctx_512 = F.pad(ctx, (0, 0, 0, 512 - ctx.shape[0]))[None]   # diffusers' pipeline pads prompts to 512 with zeros
     cfg = DiTConfig(**arch)
-    floor = measure_floor(cfg, tokens, dev)
+    floor = measure_floor(cfg, tokens, dev, fa4=args.fa4)
 
     def run_official():
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -216,24 +235,41 @@ def main() -> None:
 
     runs = {"official": run_official, "ours": run_ours, "diffusers": run_diffusers,
             "diffusers-compiled": run_diffusers}
+    if args.fa4:
+        models.append("ours-fa4")
     if args.ours_compiled:
-        models.append("ours-compiled")
-        runs["ours-compiled"] = run_ours
+        models += ["ours-compiled"] + (["ours-compiled-fa4"] if args.fa4 else [])
+    ours_pipe = types.SimpleNamespace(experts={"expert": ours}, device=dev, dtype=wdtype,
+                                      repeated_blocks=lambda: list(ours.blocks))
+    patched = {}   # patch name -> handle, applied on our model in the order the variants need them
     results = {}
     for name in models:
         if name == "diffusers-compiled":
             diffusers.compile_repeated_blocks(fullgraph=True)
-        elif name == "ours-compiled":
-            from patches.compile import apply_compile
+        elif name.startswith("ours"):
+            runs[name] = run_ours
+            want_fa4, want_compile = name.endswith("fa4"), "compiled" in name
+            if ("attention" in patched) != want_fa4:
+                if want_fa4:
+                    from patches.attention import AttentionConfig, apply_attention
 
-            apply_compile(types.SimpleNamespace(repeated_blocks=lambda: list(ours.blocks)))
+                    patched["attention"] = apply_attention(ours_pipe, AttentionConfig("fa4"))
+                else:
+                    patched.pop("attention").remove()
+            if ("compile" in patched) != want_compile:
+                if want_compile:
+                    from patches.compile import apply_compile
+
+                    patched["compile"] = apply_compile(ours_pipe)
+                else:
+                    patched.pop("compile").remove()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
             first, times, out = timed(runs[name], args.repeats, dev)
-        except Exception as e:  # a compiled variant that fails must not cost the other results
-            if not name.endswith("compiled"):
+        except Exception as e:  # a compiled or FA4 variant that fails must not cost the other results
+            if name in ("official", "ours", "diffusers"):
                 raise
             print(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
             continue
@@ -251,6 +287,10 @@ def main() -> None:
     print(f"floor {floor['seconds']:.3f} s = {floor['linear_tflop']:.0f} TFLOP linear at {floor['gemm_tflops']:.0f} "
           f"TFLOP/s (8192^3 bf16 GEMM) + {floor['attention_tflop']:.0f} TFLOP attention at "
           f"{floor['sdpa_tflops']:.0f} TFLOP/s (SDPA 1x{cfg.num_heads}x{tokens}x{cfg.head_dim})")
+    if "fa4_tflops" in floor:
+        print(f"FA4 floor {floor['fa4_seconds']:.3f} s (attention at {floor['fa4_tflops']:.0f} TFLOP/s, "
+              f"{floor['fa4_tflops'] / floor['sdpa_tflops']:.2f}x SDPA; first call {floor['fa4_first_s']:.1f} s; "
+              f"rel. diff. vs SDPA {floor['fa4_vs_sdpa_rel']:.1e})")
     print(f"{'model':<19} {'first s':>8} {'median s':>9} {'TFLOP/s':>8} {'/official':>9} {'/diffusers':>10} "
           f"{'/floor':>7} {'peak GB':>8} {'rel err':>8}")
 
@@ -261,8 +301,9 @@ def main() -> None:
         print(f"{name:<19} {r['first_s']:8.2f} {r['seconds']:9.3f} {flops / r['seconds'] / 1e12:8.0f} "
               f"{ratio(r, 'official'):>9} {ratio(r, 'diffusers'):>10} {r['seconds'] / floor['seconds']:7.3f} "
               f"{r['peak_gb']:8.1f} {r['rel_err']:8.1e}")
-    if "ours" in results and "diffusers-compiled" in results:
-        print(f"ours (eager) / diffusers compiled: {ratio(results['ours'], 'diffusers-compiled')}")
+    for name in [n for n in results if n.startswith("ours")]:
+        if "diffusers-compiled" in results:
+            print(f"{name} / diffusers compiled: {ratio(results[name], 'diffusers-compiled')}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             card=card, torch=torch.__version__, size=[w, h], frames=args.frames, tokens=tokens, floor=floor,

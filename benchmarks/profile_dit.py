@@ -167,6 +167,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--out", default=".", help="folder for the full kernel tables")
+    ap.add_argument("--fa4", action="store_true", help="also the Triton path on FlashAttention-4, profiled")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +235,16 @@ def main() -> None:
         results[name] = (seconds, forward().float(), torch.cuda.max_memory_allocated() / 1e9)
     table = kernel_table(forward, out_dir / "kernels_triton.txt")
     print(f"\n==== kernel table, triton path ({args.blocks} blocks)\n{table}", flush=True)
+    if args.fa4:
+        from patches.attention import fa4_attention
+
+        for module in model.modules():
+            if isinstance(module, dit_module.Attention):
+                module.attention_fn = fa4_attention
+        seconds = cuda_time(forward, repeats=5)
+        results["triton + fa4"] = (seconds, forward().float(), torch.cuda.max_memory_allocated() / 1e9)
+        table = kernel_table(forward, out_dir / "kernels_fa4.txt")
+        print(f"\n==== kernel table, triton path + FA4 ({args.blocks} blocks)\n{table}", flush=True)
 
     fp32 = build(args.blocks, torch.float32)
     with torch.no_grad():
