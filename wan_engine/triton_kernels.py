@@ -13,11 +13,12 @@ of the PyTorch path:
 - `rms_norm_rope`: RMSNorm over the whole width, then RoPE, written in the layout attention reads.
 
 Each launcher is a `torch.library.triton_op` (namespace `wan_engine`) whose kernel goes through
-`torch.library.wrap_triton`: eager calls launch the kernel directly, and torch.compile(fullgraph=True)
-captures each call as one graph node that inductor keeps as our kernel, fusing only the glue around it
-(the compiled blocks keep these kernels instead of regenerating the plain path's element-wise work).
+`torch.library.wrap_triton`. In eager mode the op launches the kernel as a plain Triton call. Under
+torch.compile(fullgraph=True) Dynamo captures each call as one graph node, AOTAutograd traces into it,
+and inductor launches our kernel as it is, generating kernels only for the glue around it: compiled
+blocks keep these kernels instead of regenerating the plain path's element-wise work.
 
-Only `wan_engine.dit` uses these, on CUDA with 16-bit weights; the CPU path never imports Triton.
+Only `wan_engine.dit` uses these, on CUDA with 16-bit weights; the CPU path never needs Triton.
 """
 from __future__ import annotations
 
