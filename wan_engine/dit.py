@@ -10,11 +10,12 @@ cached per grid, one modulation row per sample when all tokens share a timestep,
 dtype policy: linear and conv layers run in their weight dtype (bf16 on GPU); norms, the time
 embedding, every modulation and the head run in float32; the residual stream stays float32.
 
-Two paths compute the same block. The plain PyTorch one is the reference (CPU, float32 weights, and
-under torch.compile, which fuses it). On CUDA with 16-bit weights in eager mode, the element-wise
-chains (residual add + LayerNorm + modulate + cast, q/k RMSNorm + RoPE) run as single Triton kernels
-(`triton_kernels`) with the same roundings. Setting `wan_engine.dit.triton_kernels = None` forces the
-plain path (benchmarks compare the two).
+Two paths compute the same block. The plain PyTorch one is the reference (CPU, float32 weights). On
+CUDA with 16-bit weights the element-wise chains (residual add + LayerNorm + modulate + cast, q/k
+RMSNorm + RoPE) run as single Triton kernels (`triton_kernels`) with the same roundings, eager and
+under torch.compile alike: they are custom ops that a compiled block keeps as graph nodes. Setting
+`wan_engine.dit.triton_kernels = None` forces the plain path (benchmarks compare the two; compiled,
+inductor then fuses that path itself).
 """
 from __future__ import annotations
 
@@ -101,10 +102,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def use_triton(x: Tensor, weight: Tensor) -> bool:
-    """Whether this call takes the Triton kernels: CUDA, 16-bit weights, eager (torch.compile fuses
-    the plain path itself and should not trace through hand-written kernels)."""
-    return (triton_kernels is not None and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling())
+    """Whether this call takes the Triton kernels: CUDA and 16-bit weights, eager or compiled."""
+    return triton_kernels is not None and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
@@ -253,7 +252,7 @@ class DiTBlock(nn.Module):
                                 self.norm3.weight, self.norm3.bias)  # a new x [B, L, dim] fp32; h [B, L, dim]
         x, h = K.add_layer_norm(x, self.cross_attn(h, context), None, self.norm2.eps, dtype,
                                 shift=shift_ffn, scale=scale_ffn, inplace=True)
-        return K.add_gated_(x, self.ffn(h), gate_ffn)
+        return K.add_gated(x, self.ffn(h), gate_ffn, inplace=True)
 
 
 class Head(nn.Module):

@@ -1,4 +1,4 @@
-"""Triton kernels for the DiT's element-wise work on CUDA with bf16 weights (the eager fast path).
+"""Triton kernels for the DiT's element-wise work on CUDA with bf16 weights, eager and compiled.
 
 At video sizes a block's norms, modulation, q/k RMSNorm, RoPE and residual adds are passes over
 [B, L, dim] tensors; run as separate PyTorch ops they cost about 22 ms per block at 480p on an H200
@@ -6,13 +6,19 @@ At video sizes a block's norms, modulation, q/k RMSNorm, RoPE and residual adds 
 read and a single write, with the official roundings (float32 statistics and residual stream, the
 RMSNorm scale applied in the weight dtype, RoPE in float32), so results stay within bf16 rounding
 of the PyTorch path:
-- `add_layer_norm`: x (+ y [* gate]) -> the float32 sum, and its LayerNorm (affine and/or
-  `* (1 + scale) + shift`) in the dtype of the next linear layer;
-- `add_gated_`: x += y * gate in place (the block's last residual add);
+- `layer_norm_modulate`: LayerNorm (affine and/or `* (1 + scale) + shift`) of the float32 residual
+  stream, written in the dtype of the next linear layer;
+- `add_layer_norm`: x + y (* gate) -> the float32 sum, and its `layer_norm_modulate`;
+- `add_gated` / `add_gated_`: x + y * gate (the block's last residual add);
 - `rms_norm_rope`: RMSNorm over the whole width, then RoPE, written in the layout attention reads.
 
-Only `wan_engine.dit` uses these, and only on CUDA with 16-bit weights outside torch.compile (the
-compiler fuses the plain PyTorch path itself); the CPU path never imports Triton.
+Each launcher is a `torch.library.triton_op` (namespace `wan_engine`) whose kernel goes through
+`torch.library.wrap_triton`. In eager mode the op launches the kernel as a plain Triton call. Under
+torch.compile(fullgraph=True) Dynamo captures each call as one graph node, AOTAutograd traces into it,
+and inductor launches our kernel as it is, generating kernels only for the glue around it: compiled
+blocks keep these kernels instead of regenerating the plain path's element-wise work.
+
+Only `wan_engine.dit` uses these, on CUDA with 16-bit weights; the CPU path never needs Triton.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.library import triton_op, wrap_triton
 
 
 def _warps(block: int) -> int:
@@ -57,6 +64,7 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scal
         tl.store(out_ptr + row * C + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+
 def _row_strides(t: Tensor | None, name: str) -> tuple[int, int]:
     """Strides (batch, token) of a [B, Lt, C] per-sample (Lt = 1) or per-token row tensor."""
     if t is None:
@@ -66,9 +74,11 @@ def _row_strides(t: Tensor | None, name: str) -> tuple[int, int]:
     return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
 
 
-def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | None, eps: float,
-            out_dtype: torch.dtype | None, weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
-            scale: Tensor | None) -> Tensor | None:
+def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | None, out: Tensor | None,
+            eps: float, weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
+            scale: Tensor | None) -> None:
+    """One `_add_layer_norm_kernel` launch: the sum goes to out_sum (may be x) when y is given, the
+    normed rows to out when out is given."""
     B, L, C = x.shape
     if not x.is_contiguous() or (y is not None and not y.is_contiguous()):
         raise ValueError("x and y must be contiguous [B, L, C]")
@@ -76,13 +86,64 @@ def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | 
     stride_mb, stride_ml = _row_strides(shift, "shift")
     if shift is not None and scale.stride() != shift.stride():
         raise ValueError("shift and scale must be same-strided views")
-    out = None if out_dtype is None else torch.empty(B, L, C, device=x.device, dtype=out_dtype)  # [B, L, C]
     block = triton.next_power_of_2(C)
-    _add_layer_norm_kernel[(B * L,)](
+    wrap_triton(_add_layer_norm_kernel)[(B * L,)](
         x, y, gate, weight, bias, shift, scale, out_sum, out, L, C, stride_gb, stride_gl, stride_mb, stride_ml,
         eps, HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_AFFINE=weight is not None,
         HAS_MOD=shift is not None, NORM=out is not None, BLOCK=block, num_warps=_warps(block))
+
+
+# The ops. Each has an out-of-place form; the two residual adds also have an in-place one (the float32
+# residual stream is 0.67 GB per sample at 480p), declared with `mutates_args` so it stays correct when
+# traced. The public functions below pick the form.
+
+@triton_op("wan_engine::layer_norm_modulate", mutates_args=())
+def _layer_norm_modulate_op(x: Tensor, eps: float, out_dtype: torch.dtype, weight: Tensor | None,
+                            bias: Tensor | None, shift: Tensor | None, scale: Tensor | None) -> Tensor:
+    x = x.contiguous()
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # [B, L, C]
+    _launch(x, None, None, None, out, eps, weight, bias, shift, scale)
     return out
+
+
+@triton_op("wan_engine::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor | None, eps: float, out_dtype: torch.dtype,
+                       weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
+                       scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    out_sum = torch.empty_like(x)  # [B, L, C] fp32
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # [B, L, C]
+    _launch(x, y, gate, out_sum, out, eps, weight, bias, shift, scale)
+    return out_sum, out
+
+
+@triton_op("wan_engine::add_layer_norm_", mutates_args=("x",))
+def _add_layer_norm_inplace_op(x: Tensor, y: Tensor, gate: Tensor | None, eps: float, out_dtype: torch.dtype,
+                               weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
+                               scale: Tensor | None) -> Tensor:
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype)  # [B, L, C]
+    _launch(x, y, gate, x, out, eps, weight, bias, shift, scale)
+    return out
+
+
+@triton_op("wan_engine::add_gated", mutates_args=())
+def _add_gated_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    out_sum = torch.empty_like(x)  # [B, L, C] fp32
+    _launch(x, y, gate, out_sum, None, 0.0, None, None, None, None)
+    return out_sum
+
+
+@triton_op("wan_engine::add_gated_", mutates_args=("x",))
+def _add_gated_inplace_op(x: Tensor, y: Tensor, gate: Tensor) -> None:
+    _launch(x, y, gate, x, None, 0.0, None, None, None, None)
+
+
+def _in_place(inplace: bool) -> bool:
+    # Under torch.compile the out-of-place ops are used. AOTAutograd functionalizes an in-place
+    # Triton op into "clone x, run the kernel on the clone, copy back", and only inductor's
+    # re-inplacing pass takes that extra full pass over x away again; the out-of-place op has no copy
+    # to remove, and inductor's buffer planning can reuse x's memory once x is dead. Eager has no
+    # planner, so there the caller's permission to overwrite x is taken.
+    return inplace and not torch.compiler.is_compiling()
 
 
 def layer_norm_modulate(x: Tensor, eps: float, out_dtype: torch.dtype, weight: Tensor | None = None,
@@ -91,23 +152,31 @@ def layer_norm_modulate(x: Tensor, eps: float, out_dtype: torch.dtype, weight: T
     """LayerNorm of x [B, L, C] float32 in float32 (affine if weight/bias are given), then, if
     shift/scale [B, Lt, C] float32 (Lt 1 or L) are given, `* (1 + scale) + shift`; written once in
     out_dtype."""
-    return _launch(x.contiguous(), None, None, None, eps, out_dtype, weight, bias, shift, scale)
+    return _layer_norm_modulate_op(x, eps, out_dtype, weight, bias, shift, scale)
 
 
 def add_layer_norm(x: Tensor, y: Tensor, gate: Tensor | None, eps: float, out_dtype: torch.dtype,
                    weight: Tensor | None = None, bias: Tensor | None = None, shift: Tensor | None = None,
                    scale: Tensor | None = None, inplace: bool = False) -> tuple[Tensor, Tensor]:
     """s = x + y (* gate) in float32 (x [B, L, C] float32, y [B, L, C] any dtype, gate [B, Lt, C]),
-    then `layer_norm_modulate(s, ...)`. Returns (s, normed); s is written into x when inplace."""
-    out_sum = x if inplace else torch.empty_like(x)  # [B, L, C] fp32
-    normed = _launch(x, y, gate, out_sum, eps, out_dtype, weight, bias, shift, scale)
-    return out_sum, normed
+    then `layer_norm_modulate(s, ...)`. Returns (s, normed). inplace: the caller gives x up, so s may be
+    written into it (in eager mode it is; under torch.compile s is a new tensor): use the returned s."""
+    if _in_place(inplace):
+        return x, _add_layer_norm_inplace_op(x, y, gate, eps, out_dtype, weight, bias, shift, scale)
+    return _add_layer_norm_op(x, y, gate, eps, out_dtype, weight, bias, shift, scale)
 
 
 def add_gated_(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """x += y * gate in place (x [B, L, C] float32, y [B, L, C], gate [B, Lt, C] float32); returns x."""
-    _launch(x, y, gate, x, 0.0, None, None, None, None, None)
+    """x += y * gate in place (x [B, L, C] float32, y [B, L, C], gate [B, Lt, C] float32); returns x.
+    Always in place, compiled too (a declared mutation)."""
+    _add_gated_inplace_op(x, y, gate)
     return x
+
+
+def add_gated(x: Tensor, y: Tensor, gate: Tensor, inplace: bool = False) -> Tensor:
+    """x + y * gate, as `add_gated_` but out of place unless inplace (as in `add_layer_norm`: x may then
+    be overwritten; use the returned tensor)."""
+    return add_gated_(x, y, gate) if _in_place(inplace) else _add_gated_op(x, y, gate)
 
 
 @triton.jit
@@ -137,25 +206,31 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
     tl.store(out_ptr + b * stride_ob + t * stride_ol + n * stride_on + d, y.to(dt), mask=mask)
 
 
-def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, num_heads: int,
-                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """RMSNorm over the whole width of x [B, L, C] (16-bit), then RoPE on channel pairs (2i, 2i+1)
-    when rope = (cos, sin) [L, C / num_heads / 2] float32 is given. Returns [B, N, L, D] in x's dtype,
-    a transposed view of [B, L, N, D] memory: the layout of v and the one SDPA (cuDNN) and
-    FlashAttention read fastest here."""
+@triton_op("wan_engine::rms_norm_rope", mutates_args=())
+def _rms_norm_rope_op(x: Tensor, weight: Tensor, eps: float, num_heads: int, cos: Tensor | None,
+                      sin: Tensor | None) -> Tensor:
     B, L, C = x.shape
     D = C // num_heads
     if x.stride(-1) != 1 or x.stride(1) != C:
         x = x.contiguous()
     if D & (D - 1):
         raise ValueError(f"head width {D} must be a power of two")
-    mem = torch.empty(B, L, num_heads, D, device=x.device, dtype=x.dtype)  # [B, L, N, D]
-    cos, sin = rope if rope is not None else (None, None)
-    if rope is not None and (cos.shape != (L, D // 2) or not cos.is_contiguous() or not sin.is_contiguous()):
+    if cos is not None and (cos.shape != (L, D // 2) or not cos.is_contiguous() or not sin.is_contiguous()):
         raise ValueError(f"rope tables must be contiguous [{L}, {D // 2}], got {tuple(cos.shape)}")
+    mem = torch.empty(B, L, num_heads, D, device=x.device, dtype=x.dtype)  # [B, L, N, D]
     n_block = triton.next_power_of_2(num_heads)
-    _rms_norm_rope_kernel[(B * L,)](
+    wrap_triton(_rms_norm_rope_kernel)[(B * L,)](
         x, weight, cos, sin, mem, L, C, x.stride(0), x.stride(1), mem.stride(0), mem.stride(1), mem.stride(2),
-        D // 2, eps, N=num_heads, D=D, N_BLOCK=n_block, HAS_ROPE=rope is not None,
+        D // 2, eps, N=num_heads, D=D, N_BLOCK=n_block, HAS_ROPE=cos is not None,
         num_warps=_warps(n_block * D // 2))
-    return mem.transpose(1, 2)  # [B, N, L, D]
+    return mem
+
+
+def rms_norm_rope(x: Tensor, weight: Tensor, eps: float, num_heads: int,
+                  rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """RMSNorm over the whole width of x [B, L, C] (16-bit), then RoPE on channel pairs (2i, 2i+1)
+    when rope = (cos, sin) [L, C / num_heads / 2] float32 is given. Returns [B, N, L, D] in x's dtype,
+    a transposed view of [B, L, N, D] memory: the layout of v and the one SDPA (cuDNN) and
+    FlashAttention read fastest here."""
+    cos, sin = rope if rope is not None else (None, None)
+    return _rms_norm_rope_op(x, weight, eps, num_heads, cos, sin).transpose(1, 2)  # [B, N, L, D]

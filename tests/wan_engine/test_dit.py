@@ -149,48 +149,6 @@ needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or dit_module.tr
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("per_token_mod", [False, True])
-@torch.no_grad()
-def test_triton_kernels_match_the_plain_ops(per_token_mod):
-    K = dit_module.triton_kernels
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    B, L, C, N = 2, 96, 5120, 40  # the A14B width and heads
-    x = torch.randn(B, L, C, device="cuda", generator=gen) * 3 + 0.5
-    mod = torch.randn(B, L if per_token_mod else 1, 6, C, device="cuda", generator=gen)
-    shift, scale = mod.unbind(2)[:2]
-
-    def plain_of(v, shift, scale):
-        return dit_module.modulate(dit_module.FP32LayerNorm(C, 1e-6, elementwise_affine=False)(v), shift, scale)
-
-    out = K.layer_norm_modulate(x, 1e-6, torch.bfloat16, None, None, shift, scale)
-    assert rel_err(out, plain_of(x, shift, scale).bfloat16()) < 5e-4
-    norm = dit_module.FP32LayerNorm(C, 1e-6).cuda().bfloat16()
-    norm.weight.normal_(generator=gen)
-    norm.bias.normal_(generator=gen)
-    assert rel_err(K.layer_norm_modulate(x, 1e-6, torch.bfloat16, norm.weight, norm.bias), norm(x).bfloat16()) < 5e-4
-
-    q = (torch.randn(B, L, C, device="cuda", generator=gen) * 2).bfloat16()
-    rms = dit_module.RMSNorm(C, 1e-6).cuda().bfloat16()
-    rms.weight.normal_(generator=gen)
-    cos, sin = (t.cuda() for t in dit_module.rope_tables((2, 6, 8), C // N))
-    heads = rms(q).unflatten(-1, (N, -1)).transpose(1, 2)  # [B, N, L, D]
-    rotated = dit_module.apply_rope(heads, cos, sin).bfloat16()
-    out = K.rms_norm_rope(q, rms.weight, 1e-6, N, (cos, sin))
-    assert out.shape == (B, N, L, C // N) and rel_err(out, rotated) < 5e-4
-    assert rel_err(K.rms_norm_rope(q, rms.weight, 1e-6, N), heads) < 5e-4
-
-    y = torch.randn(B, L, C, device="cuda", generator=gen).bfloat16()
-    gate = mod.unbind(2)[2]
-    summed = torch.addcmul(x, y, gate)
-    s, h = K.add_layer_norm(x, y, gate, 1e-6, torch.bfloat16, shift=shift, scale=scale)
-    assert rel_err(s, summed) < 1e-6 and rel_err(h, plain_of(summed, shift, scale).bfloat16()) < 5e-4
-    s, h = K.add_layer_norm(x.clone(), y, None, 1e-6, torch.bfloat16, norm.weight, norm.bias, inplace=True)
-    assert rel_err(s, x + y.float()) < 1e-6 and rel_err(h, norm(x + y.float()).bfloat16()) < 5e-4
-    assert rel_err(K.add_gated_(x.clone(), y, gate), summed) < 1e-6
-
-
-@pytest.mark.gpu
-@needs_triton
 @pytest.mark.parametrize("name", ["t2v_high_t500", "i2v_low_t300"])
 @torch.no_grad()
 def test_triton_path_matches_plain_path_on_cuda(name, monkeypatch):
