@@ -162,3 +162,23 @@ def test_triton_path_matches_plain_path_on_cuda(name, monkeypatch):
     plain = model(*inputs)
     assert rel_err(fused, plain) < 5e-3
     assert rel_err(fused[0].cpu(), case["output"][0]) < 2e-2
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_ffn_gelu_epilogue_is_the_tanh_gelu_on_cuda():
+    """The Triton path's FFN puts GELU into the GEMM epilogue: it must be the tanh GELU of `self.ffn`
+    (cuBLASLt's epilogue; torch's CPU kernel of the same op computes the exact erf GELU instead)."""
+    cfg = DiTConfig(model_type="t2v", in_dim=16, out_dim=16, dim=256, ffn_dim=1024, num_heads=2, num_layers=1)
+    block = dit_module.DiTBlock(cfg).cuda().bfloat16()
+    torch.nn.init.normal_(block.ffn[0].bias, std=0.5)
+    h = torch.randn(2, 512, cfg.dim, device="cuda", dtype=torch.bfloat16)
+    up, down = block.ffn[0], block.ffn[2]
+    pre = torch.nn.functional.linear(h.float(), up.weight.float(), up.bias.float())
+    references = {mode: torch.nn.functional.linear(torch.nn.functional.gelu(pre, approximate=mode),
+                                                   down.weight.float(), down.bias.float())
+                  for mode in ("tanh", "none")}
+    out = block._ffn_gelu_epilogue(h).float()
+    assert rel_err(out, references["tanh"]) < 1e-2
+    assert rel_err(out, references["tanh"]) < rel_err(block.ffn(h).float(), references["tanh"]) * 1.5
+    assert rel_err(out, references["tanh"]) < rel_err(out, references["none"])
