@@ -16,10 +16,14 @@ dtypes), the call signature (shapes, strides, dtypes, devices, grad mode), the c
 attention backend installed in the block, the kernel and precision switches, and the source of the
 engine's block and kernel files and of the attention backend, so a code change compiles anew.
 
-Where torch lacks the API, or compiling, loading or saving it fails, the patch logs it once and falls
-back to `nn.Module.compile` on each block, which re-traces in every process but keeps inductor's FX
-graph and AOTAutograd caches on disk. Custom (callable) backends, `dynamic=True` and
-`fullgraph=False` always take that path; `precompiled=False` asks for it.
+A file that does not load (corrupt, another torch or GPU, or its guards reject the call) is compiled
+anew and replaced. Where torch lacks the API, or compiling or saving fails, the patch logs it once,
+leaves a `.failed` marker under the artifact's name (so later processes do not pay a failing attempt
+again) and falls back to `nn.Module.compile` on each block, which re-traces in every process but keeps
+inductor's FX graph and AOTAutograd caches on disk. Custom (callable) backends, `dynamic=True` and
+`fullgraph=False` always take that path; `precompiled=False` asks for it. The precompiled path calls
+the block's compiled `forward` directly: forward hooks registered on a block itself do not run.
+With inductor, the modules its generated code imports are imported when the patch is applied.
 
 Inductor's caches go under `TORCHINDUCTOR_CACHE_DIR`: a user's own value wins; otherwise
 `$WAN_CACHE_DIR/inductor` or `~/.cache/wanflow/inductor`. `remove()` puts every block's
@@ -182,7 +186,7 @@ class _Precompiled:
         self.directory = directory
         self.blocks = blocks
         self.fns: dict[tuple, Callable] = {}
-        self.events: Counter[str] = Counter()   # "loaded" / "compiled" artifacts, "fallback"
+        self.events: Counter[str] = Counter()   # artifacts "loaded", "saved" (compiled here); "failed" attempts
         self.fallen_back = False
 
     def install(self, block: torch.nn.Module) -> None:
@@ -206,8 +210,14 @@ class _Precompiled:
 
     def _obtain(self, block, args: tuple, kwargs: dict, attention_fns: list[Callable]) -> Callable | None:
         """The compiled function for this call: loaded when an artifact exists, else compiled and saved.
-        None when precompiling does not work here (every block then takes torch.compile's path)."""
+        None when precompiling does not work here: every block then takes torch.compile's path, and a
+        marker file beside the artifact's name sends later processes there at once (a failed attempt
+        can cost a whole compile, and an aot_compile neither reads nor fills the FX graph cache)."""
         path = self.directory / _artifact_name(block, args, kwargs, self.cfg, attention_fns)
+        failed = path.with_suffix(".failed")
+        if failed.is_file():
+            self._fall_back(f"it failed here before: {failed.read_text(errors='replace').strip()}")
+            return None
         fn = self._load(path, block, args, kwargs) if path.is_file() else None
         if fn is not None:
             return fn
@@ -217,13 +227,18 @@ class _Precompiled:
                                      fullgraph=True, dynamic=False)
             with _aot_compile_enabled():
                 fn = compiled.aot_compile(((block, *args), kwargs))
-        except Exception as exc:   # no aot_compile in this torch, or a backend it cannot serialise
-            self._fall_back(f"{type(exc).__name__}: {exc}")
+            self._save(fn, path)
+        except Exception as exc:   # no aot_compile in this torch, a backend or graph it cannot serialise
+            self.events["failed"] += 1
+            why = f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                failed.write_text(f"torch {torch.__version__}: {why}\n")
+            self._fall_back(why)
             return None
-        self.events["compiled"] += 1
-        log.info("compile: compiled %s for inputs %s in %.1f s", type(block).__name__,
-                 [list(a.shape) for a in args if isinstance(a, torch.Tensor)], time.perf_counter() - started)
-        self._save(fn, path)
+        self.events["saved"] += 1
+        log.info("compile: compiled %s for inputs %s in %.1f s, saved %s", type(block).__name__,
+                 [list(a.shape) for a in args if isinstance(a, torch.Tensor)], time.perf_counter() - started, path)
         # Guards off, for the same reason as after a load (see _load).
         fn.disable_guard_check()
         return fn
@@ -252,23 +267,21 @@ class _Precompiled:
                  time.perf_counter() - started)
         return fn
 
-    def _save(self, fn, path: Path) -> None:
+    @staticmethod
+    def _save(fn, path: Path) -> None:
         """Write the artifact to a temporary file, then rename it over `path`: readers see old or new."""
         temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             fn.save_compiled_function(str(temp))
             os.replace(temp, path)
-        except Exception as exc:   # the compiled function still serves this process
+        finally:
             temp.unlink(missing_ok=True)
-            _warn_once("save", "compile: could not save the precompiled blocks to %s (%s: %s); a new process "
-                       "will compile again", path, type(exc).__name__, exc)
 
     def _fall_back(self, why: str) -> None:
         _warn_once("fallback", "compile: precompiled blocks unavailable (%s); using torch.compile with the "
                    "on-disk FX graph cache instead", why)
         self.fallen_back = True
-        self.events["fallback"] += 1
         for block in self.blocks:
             _torch_compile(block, self.cfg)
 
@@ -282,11 +295,14 @@ def _aot_compile_enabled() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _import_inductor() -> None:
+def _import_inductor(device: torch.device) -> None:
     """Import the modules inductor's generated code imports, at apply rather than inside the first
     forward: process start-up, paid once whatever the shape, like importing torch itself."""
     import torch._inductor.async_compile  # noqa: F401
     import torch._inductor.select_algorithm  # noqa: F401
+
+    if device.type == "cuda":
+        import torch._inductor.runtime.triton_heuristics  # noqa: F401
 
 
 def _torch_compile(block: torch.nn.Module, cfg: CompileConfig) -> None:
@@ -312,13 +328,14 @@ class CompileHandle(PatchStack):
     @property
     def warm_start(self) -> str:
         """How the blocks' compiled code came so far: "precompiled artifact loaded", "compiled cold (artifact
-        saved)", "torch.compile, FX cache hit", "torch.compile, cold" (joined by "; " when signatures
-        differed), or "nothing compiled yet"."""
+        saved)", "precompile failed" (then one of:) "torch.compile, FX cache hit", "torch.compile, cold";
+        joined by "; " when signatures differed; "nothing compiled yet" before the first call."""
         ways = []
         if self.precompiled is not None:
             events = self.precompiled.events
             ways += ["precompiled artifact loaded"] * bool(events["loaded"])
-            ways += ["compiled cold (artifact saved)"] * bool(events["compiled"])
+            ways += ["compiled cold (artifact saved)"] * bool(events["saved"])
+            ways += ["precompile failed"] * bool(events["failed"])
         if self.precompiled is None or self.precompiled.fallen_back:
             (graphs, hits), (graphs0, hits0) = _dynamo_counts(), self._counts_at_apply
             if hits > hits0:
@@ -348,16 +365,20 @@ def apply_compile(pipe, cfg: CompileConfig | None = None) -> CompileHandle:
     cache_dir = None
     if cfg.backend == "inductor":
         cache_dir = _enable_disk_caches(undo)
-        _import_inductor()
+        _import_inductor(next(blocks[0].parameters()).device if blocks else torch.device("cpu"))
     precompiled = _Precompiled(cfg, precompiled_dir(), blocks) if _precompiles(cfg) else None
-    for block in blocks:
-        # nn.Module.__call__ runs `_compiled_call_impl` when set (nn.Module.compile stores torch.compile's
-        # call there; the precompiled path its own): putting the previous value back is the exact inverse.
-        undo.undo_on_remove(keep_attr(block, "_compiled_call_impl"))
-        if precompiled is not None:
-            precompiled.install(block)
-        else:
-            _torch_compile(block, cfg)
+    try:
+        for block in blocks:
+            # nn.Module.__call__ runs `_compiled_call_impl` when set (nn.Module.compile stores torch.compile's
+            # call there; the precompiled path its own): putting the previous value back is the exact inverse.
+            undo.undo_on_remove(keep_attr(block, "_compiled_call_impl"))
+            if precompiled is not None:
+                precompiled.install(block)
+            else:
+                _torch_compile(block, cfg)
+    except Exception:
+        undo.remove()
+        raise
     name = cfg.backend if isinstance(cfg.backend, str) else type(cfg.backend).__name__
     detail = (f"torch.compile({name}, mode={cfg.mode or 'default'}, fullgraph={cfg.fullgraph}, "
               f"dynamic={cfg.dynamic}) of {len(blocks)} blocks"

@@ -94,7 +94,7 @@ def test_a_new_process_loads_the_saved_blocks_without_tracing(pipe, reference, t
         assert handle.warm_start == "nothing compiled yet"
         assert rel_err(generate(pipe), reference) < 1e-5
         assert handle.warm_start == "compiled cold (artifact saved)"
-        assert handle.precompiled.events["compiled"] == 1   # one artifact for the 4 blocks of both experts
+        assert handle.precompiled.events == {"saved": 1}   # one artifact for the 4 blocks of both experts
     assert len(artifacts()) == 1 and not list(precompiled_dir().glob(".*.tmp"))
 
     child = run_child("cpu", "aot_eager", tmp_path / "child.pt")
@@ -114,7 +114,7 @@ def test_a_new_signature_or_attention_backend_compiles_anew_and_a_rejected_artif
         (batch2,) = artifacts()
         warm_up(pipe, (64, 64), 5, batch=1)
         (batch1,) = set(artifacts()) - {batch2}
-        assert handle.precompiled.events == {"compiled": 2}
+        assert handle.precompiled.events == {"saved": 2}
 
     attention = [m for dit in pipe.experts.values() for m in dit.modules() if hasattr(m, "attention_fn")]
     for m in attention:
@@ -122,7 +122,7 @@ def test_a_new_signature_or_attention_backend_compiles_anew_and_a_rejected_artif
     try:
         with apply_compile(pipe, CompileConfig(backend="aot_eager")) as handle:
             assert rel_err(generate(pipe), reference) < 1e-5
-            assert handle.precompiled.events == {"compiled": 1}
+            assert handle.precompiled.events == {"saved": 1}
     finally:
         for m in attention:
             del m.attention_fn
@@ -150,7 +150,10 @@ def test_a_corrupt_artifact_is_compiled_again_and_replaced(pipe, reference):
 
 
 def test_without_aot_compile_the_blocks_fall_back_to_torch_compile(pipe, reference, monkeypatch, caplog):
+    attempts = []
+
     def unavailable():
+        attempts.append(1)
         raise AttributeError("'function' object has no attribute 'aot_compile'")
 
     monkeypatch.setattr(compile_patch, "_aot_compile_enabled", unavailable)
@@ -159,10 +162,17 @@ def test_without_aot_compile_the_blocks_fall_back_to_torch_compile(pipe, referen
     with apply_compile(pipe, CompileConfig(backend="eager")) as handle:
         assert torch.equal(generate(pipe), reference)
         assert all(compiled(pipe)) and handle.precompiled.fallen_back
-        assert handle.warm_start == "torch.compile, cold"
+        assert handle.warm_start == "precompile failed; torch.compile, cold"
     assert sum("precompiled blocks unavailable" in r.message for r in caplog.records) == 1
     assert not any(compiled(pipe)) and not artifacts()
     assert torch.equal(generate(pipe), reference)
+
+    # The failure is remembered on disk: a later apply (or process) goes to torch.compile at once.
+    (marker,) = precompiled_dir().glob("*.failed")
+    assert "aot_compile" in marker.read_text()
+    with apply_compile(pipe, CompileConfig(backend="eager")) as handle:
+        assert torch.equal(generate(pipe), reference)
+        assert handle.precompiled.fallen_back and len(attempts) == 1
 
 
 def test_warm_up_compiles_one_graph_for_every_block_of_both_experts(pipe):
