@@ -7,7 +7,8 @@ step-cache hooks run outside the blocks, so their data-dependent decisions never
 
 Warm start. On the first call with a new input signature the patch looks for a precompiled artifact
 (torch's experimental `torch.compile(...).aot_compile`, saved with `save_compiled_function` and read
-back with `torch.compiler.load_compiled_function`) under `<inductor cache dir>/wanflow-precompiled/`.
+back with `torch.compiler.load_compiled_function`) under `$TORCHINDUCTOR_CACHE_DIR/wanflow-precompiled/`
+(set by the patch for inductor; a trace-only backend without it keeps its compiled blocks in memory).
 A hit skips everything a compile does (Dynamo tracing, guards, AOTAutograd, inductor, Triton); a miss
 compiles from the actual call's arguments and saves the artifact (temporary file, then rename, so a
 concurrent reader never sees half a file). The file name is a hash of everything the compiled code
@@ -74,11 +75,12 @@ def wanflow_inductor_dir() -> Path:
     return Path(root) / "inductor"
 
 
-def precompiled_dir() -> Path:
-    """Where precompiled blocks are saved: next to inductor's own caches (the directory in use now)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    return Path(os.environ.get(CACHE_ENV) or default_cache_dir()) / PRECOMPILED_DIR
+def precompiled_dir() -> Path | None:
+    """Where precompiled blocks are saved: beside inductor's own caches, in `TORCHINDUCTOR_CACHE_DIR` (which
+    applying the patch with inductor sets). None when it is unset: a trace-only backend then keeps its
+    compiled blocks in memory, as it keeps nothing on disk under torch.compile either."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) / PRECOMPILED_DIR if root else None
 
 
 def compile_status(device: torch.device | str, backend: str = "inductor") -> tuple[bool, str]:
@@ -181,12 +183,13 @@ class _Precompiled:
     """The compiled functions every block shares, one per call signature, each loaded from or saved to
     `directory`. Installed as each block's `_compiled_call_impl`, which `nn.Module.__call__` runs."""
 
-    def __init__(self, cfg: CompileConfig, directory: Path, blocks: list[torch.nn.Module]):
+    def __init__(self, cfg: CompileConfig, directory: Path | None, blocks: list[torch.nn.Module]):
         self.cfg = cfg
         self.directory = directory
         self.blocks = blocks
         self.fns: dict[tuple, Callable] = {}
-        self.events: Counter[str] = Counter()   # artifacts "loaded", "saved" (compiled here); "failed" attempts
+        # artifacts "loaded", "saved" (compiled here), "compiled" (kept in memory: no directory); "failed" tries
+        self.events: Counter[str] = Counter()
         self.fallen_back = False
 
     def install(self, block: torch.nn.Module) -> None:
@@ -213,32 +216,37 @@ class _Precompiled:
         None when precompiling does not work here: every block then takes torch.compile's path, and a
         marker file beside the artifact's name sends later processes there at once (a failed attempt
         can cost a whole compile, and an aot_compile neither reads nor fills the FX graph cache)."""
-        path = self.directory / _artifact_name(block, args, kwargs, self.cfg, attention_fns)
-        failed = path.with_suffix(".failed")
-        if failed.is_file():
-            self._fall_back(f"it failed here before: {failed.read_text(errors='replace').strip()}")
-            return None
-        fn = self._load(path, block, args, kwargs) if path.is_file() else None
-        if fn is not None:
-            return fn
+        path = failed = None
+        if self.directory is not None:
+            path = self.directory / _artifact_name(block, args, kwargs, self.cfg, attention_fns)
+            failed = path.with_suffix(".failed")
+            if failed.is_file():
+                self._fall_back(f"it failed here before: {failed.read_text(errors='replace').strip()}")
+                return None
+            fn = self._load(path, block, args, kwargs) if path.is_file() else None
+            if fn is not None:
+                return fn
         started = time.perf_counter()
         try:
             compiled = torch.compile(type(block).forward, backend=self.cfg.backend, mode=self.cfg.mode,
                                      fullgraph=True, dynamic=False)
             with _aot_compile_enabled():
                 fn = compiled.aot_compile(((block, *args), kwargs))
-            self._save(fn, path)
+            if path is not None:
+                self._save(fn, path)
         except Exception as exc:   # no aot_compile in this torch, a backend or graph it cannot serialise
             self.events["failed"] += 1
             why = f"{type(exc).__name__}: {exc}"
-            with contextlib.suppress(OSError):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                failed.write_text(f"torch {torch.__version__}: {why}\n")
+            if failed is not None:
+                with contextlib.suppress(OSError):
+                    failed.parent.mkdir(parents=True, exist_ok=True)
+                    failed.write_text(f"torch {torch.__version__}: {why}\n")
             self._fall_back(why)
             return None
-        self.events["saved"] += 1
-        log.info("compile: compiled %s for inputs %s in %.1f s, saved %s", type(block).__name__,
-                 [list(a.shape) for a in args if isinstance(a, torch.Tensor)], time.perf_counter() - started, path)
+        self.events["saved" if path is not None else "compiled"] += 1
+        log.info("compile: compiled %s for inputs %s in %.1f s%s", type(block).__name__,
+                 [list(a.shape) for a in args if isinstance(a, torch.Tensor)], time.perf_counter() - started,
+                 f", saved {path}" if path is not None else "")
         # Guards off, for the same reason as after a load (see _load).
         fn.disable_guard_check()
         return fn
@@ -328,13 +336,15 @@ class CompileHandle(PatchStack):
     @property
     def warm_start(self) -> str:
         """How the blocks' compiled code came so far: "precompiled artifact loaded", "compiled cold (artifact
-        saved)", "precompile failed" (then one of:) "torch.compile, FX cache hit", "torch.compile, cold";
-        joined by "; " when signatures differed; "nothing compiled yet" before the first call."""
+        saved)", "compiled cold (in memory)", "precompile failed" (then one of:) "torch.compile, FX cache hit",
+        "torch.compile, cold"; joined by "; " when signatures differed; "nothing compiled yet" before the
+        first call."""
         ways = []
         if self.precompiled is not None:
             events = self.precompiled.events
             ways += ["precompiled artifact loaded"] * bool(events["loaded"])
             ways += ["compiled cold (artifact saved)"] * bool(events["saved"])
+            ways += ["compiled cold (in memory)"] * bool(events["compiled"])
             ways += ["precompile failed"] * bool(events["failed"])
         if self.precompiled is None or self.precompiled.fallen_back:
             (graphs, hits), (graphs0, hits0) = _dynamo_counts(), self._counts_at_apply
@@ -382,7 +392,8 @@ def apply_compile(pipe, cfg: CompileConfig | None = None) -> CompileHandle:
     name = cfg.backend if isinstance(cfg.backend, str) else type(cfg.backend).__name__
     detail = (f"torch.compile({name}, mode={cfg.mode or 'default'}, fullgraph={cfg.fullgraph}, "
               f"dynamic={cfg.dynamic}) of {len(blocks)} blocks"
-              + (f", precompiled artifacts in {precompiled.directory}" if precompiled is not None else "")
+              + (f", precompiled artifacts in {precompiled.directory}" if precompiled and precompiled.directory
+                 else "")
               + (f", cache {cache_dir}" if cache_dir else ""))
     handle = CompileHandle(detail, precompiled)
     handle.push(undo)

@@ -80,10 +80,12 @@ def compiled(pipe) -> list[bool]:
     return [block._compiled_call_impl is not None for block in pipe.repeated_blocks()]
 
 
-def test_compiled_blocks_give_the_same_video_and_remove_restores_eager(pipe, reference):
+def test_compiled_blocks_give_the_same_video_and_remove_restores_eager(pipe, reference, monkeypatch):
+    monkeypatch.delenv(CACHE_ENV)   # a trace-only backend with no cache dir: compiled blocks in memory only
     handle = apply_compile(pipe, CompileConfig(backend="eager"))
     assert all(compiled(pipe))
     assert torch.equal(generate(pipe), reference)
+    assert handle.warm_start == "compiled cold (in memory)" and handle.precompiled.directory is None
     handle.remove()
     assert not any(compiled(pipe))
     assert torch.equal(generate(pipe), reference)
