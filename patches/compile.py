@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from .attention import SEAM
-from .base import PatchStack, keep_attr, keep_setting, setdefault_env
+from .base import PatchStack, keep_attr, keep_setting
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,20 @@ def wanflow_inductor_dir() -> Path:
     return Path(root) / "inductor"
 
 
-def precompiled_dir() -> Path | None:
-    """Where precompiled blocks are saved: beside inductor's own caches, in `TORCHINDUCTOR_CACHE_DIR` (which
-    applying the patch with inductor sets). None when it is unset: a trace-only backend then keeps its
-    compiled blocks in memory, as it keeps nothing on disk under torch.compile either."""
+def chosen_cache_dir() -> str | None:
+    """`TORCHINDUCTOR_CACHE_DIR` when someone chose it: None when unset or torch's own default (importing
+    torch._dynamo writes that default, /tmp/torchinductor_<user>, into the environment)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     root = os.environ.get(CACHE_ENV)
+    return root if root and os.path.abspath(root) != os.path.abspath(default_cache_dir()) else None
+
+
+def precompiled_dir() -> Path | None:
+    """Where precompiled blocks are saved: beside inductor's own caches, in the chosen
+    `TORCHINDUCTOR_CACHE_DIR` (applying the patch with inductor chooses one). None without: a trace-only
+    backend then keeps its compiled blocks in memory, as it keeps nothing on disk under torch.compile."""
+    root = chosen_cache_dir()
     return Path(root) / PRECOMPILED_DIR if root else None
 
 
@@ -104,12 +113,29 @@ def _enable_disk_caches(stack: PatchStack) -> str:
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
 
-    stack.undo_on_remove(setdefault_env(CACHE_ENV, str(wanflow_inductor_dir())))
+    if chosen_cache_dir() is None:
+        stack.undo_on_remove(_swap_env(CACHE_ENV, str(wanflow_inductor_dir())))
     stack.undo_on_remove(keep_setting(inductor_config, "fx_graph_cache"))
     stack.undo_on_remove(keep_setting(functorch_config, "enable_autograd_cache"))
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     return os.environ[CACHE_ENV]
+
+
+def _swap_env(name: str, value: str) -> Callable[[], None]:
+    """Set an environment variable; the undo puts back its previous value (or absence) unless it changed since."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+
+    def undo() -> None:
+        if os.environ.get(name) != value:
+            return
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+    return undo
 
 
 def _warn_once(reason: str, message: str, *args) -> None:

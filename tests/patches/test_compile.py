@@ -81,7 +81,7 @@ def compiled(pipe) -> list[bool]:
 
 
 def test_compiled_blocks_give_the_same_video_and_remove_restores_eager(pipe, reference, monkeypatch):
-    monkeypatch.delenv(CACHE_ENV)   # a trace-only backend with no cache dir: compiled blocks in memory only
+    monkeypatch.delenv(CACHE_ENV)   # a trace-only backend with no cache dir chosen: compiled blocks in memory only
     handle = apply_compile(pipe, CompileConfig(backend="eager"))
     assert all(compiled(pipe))
     assert torch.equal(generate(pipe), reference)
@@ -204,6 +204,15 @@ def test_inductor_cache_goes_under_wanflow_unless_the_user_chose(pipe, monkeypat
     with apply_compile(pipe, CompileConfig()):
         assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
     assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
+
+    # torch._dynamo's import writes torch's default dir into the environment: that is no one's choice
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    with apply_compile(pipe, CompileConfig()) as handle:
+        assert os.environ[CACHE_ENV] == str(wanflow_inductor_dir())
+        assert handle.precompiled.directory == wanflow_inductor_dir() / "wanflow-precompiled"
+    assert os.environ[CACHE_ENV] == default_cache_dir()
 
 
 def test_inductor_compile_is_off_on_a_cpu_but_trace_backends_run_anywhere():
