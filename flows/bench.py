@@ -8,6 +8,13 @@ through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memor
 tiers the compile overhead (first call minus a steady forward) cold (fresh inductor cache) and warm
 (a second process finding that cache on disk: this module re-runs itself as a subprocess).
 
+Both compile figures measure compiling alone: before a compiled tier's first timed call, the process
+runs one eager forward at the same shape with the quality tier's patches (same attention backend), so
+CUDA context, cuBLAS/cuDNN handles and autotuning, lazy initialisation and the attention kernels' JIT
+are paid outside the timing, in the parent (cold) as in the child (warm). The table also says how each
+compiled tier obtained its code: cold (compiled, artifact saved) in the parent, and in the child the
+precompiled artifact loaded, or torch.compile with an FX-cache hit, or cold (see patches.compile).
+
     wanflow bench --model t2v-A14B --size 832*480 --frames 81 --tiers quality,balanced
     python -m flows.bench --model tiny
 """
@@ -78,6 +85,8 @@ class BenchRow:
     compile_warm_s: float | None  # the same in a second process that finds the cache on disk
     calls: str                    # model calls computed / made in the sampling loop ("" without a step cache)
     applied: list[dict] = field(default_factory=list)
+    compile_cold_path: str | None = None  # how the compiled code came in the cold process (CompileHandle.warm_start)
+    compile_warm_path: str | None = None  # the same in the second process: "precompiled artifact loaded", ...
 
 
 # ---------------------------------------------------------------- building and timing
@@ -192,20 +201,28 @@ def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, opti
                   steps: int | None, per_step: bool = True) -> dict:
     """First call and steady batch-1 forwards of one tier; with `per_step` also a denoising step as
     the run makes it (one batch-2 forward or two forwards; with a step cache the whole sampling loop)
-    and peak memory."""
+    and peak memory. A compiled tier's first call follows one eager forward of the quality tier at the
+    same shape, so that it measures the compile and not the process's warm-up."""
     device = pipe.device
     dit = pipe.experts[pipe.expert_for(TIMESTEP)] if pipe.spec.is_moe else next(iter(pipe.experts.values()))
+
+    def forward(a: dict = inputs) -> None:
+        with torch.no_grad():
+            dit(a["x"], a["t"], a["context"], y=a["y"])
+
+    compiled = _compiles(tier, device, options)
+    if compiled:
+        with apply_tier(pipe, "quality", options):
+            forward()
     handle = apply_tier(pipe, tier, options, steps=steps)
     try:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
 
-        def forward(a: dict = inputs) -> None:
-            with torch.no_grad():
-                dit(a["x"], a["t"], a["context"], y=a["y"])
-
         first = timed(forward, device)
+        compile_handle = next((h for h in handle.handles if getattr(h, "name", None) == "compile"), None)
+        compile_path = getattr(compile_handle, "warm_start", None)
         forward_s = statistics.median(timed(forward, device) for _ in range(max(repeats, 1)))
         step_s, calls = 2 * forward_s, ""
         batched = pipe.batch_cfg(inputs["tokens"])
@@ -219,7 +236,7 @@ def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, opti
             step_s = statistics.median(timed(lambda: forward(pair), device) for _ in range(max(repeats, 1)))
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return dict(first=first, forward_s=forward_s, step_s=step_s, calls=calls, peak_gb=peak,
-                    applied=handle.summary()["patches"])
+                    applied=handle.summary()["patches"], compile_path=compile_path)
     finally:
         handle.remove()
 
@@ -274,7 +291,8 @@ def run_bench(model: str = "t2v-A14B", size: tuple[int, int] | None = None, fram
                 m = _measure_tier(pipe, tier, inputs, repeats, options, steps)
             tflops = flops / m["forward_s"] / 1e12
             rows.append(BenchRow(tier, m["forward_s"], m["step_s"], tflops, tflops * 1e12 / gemm, m["peak_gb"],
-                                 m["first"] - m["forward_s"] if compiled else None, None, m["calls"], m["applied"]))
+                                 m["first"] - m["forward_s"] if compiled else None, None, m["calls"], m["applied"],
+                                 compile_cold_path=m["compile_path"] if compiled else None))
         del pipe, inputs   # the second process needs the device memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -283,6 +301,7 @@ def run_bench(model: str = "t2v-A14B", size: tuple[int, int] | None = None, fram
                 if row.tier in cold_dirs:
                     child = _child_measurement(model, size, frames, row.tier, device, options, cold_dirs[row.tier])
                     row.compile_warm_s = child["first"] - child["forward_s"]
+                    row.compile_warm_path = child["compile_path"]
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
     return facts, rows
@@ -297,7 +316,8 @@ def _device_name(device: torch.device) -> str:
 
 def _child_measurement(model: str, size: tuple[int, int], frames: int, tier: str, device: torch.device,
                        options: TierOptions, cache_dir: Path) -> dict:
-    """First call and a steady forward of `tier` in a new process that finds `cache_dir` on disk."""
+    """First call, a steady forward and how the compiled code came, of `tier` in a new process that finds
+    `cache_dir` on disk."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "flows.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
@@ -310,13 +330,14 @@ def _child_measurement(model: str, size: tuple[int, int], frames: int, tier: str
 
 
 def _child(args: argparse.Namespace) -> int:
-    """Runs in the subprocess: print {"first", "forward_s"} of one tier as one JSON line."""
+    """Runs in the subprocess: print {"first", "forward_s", "compile_path"} of one tier as one JSON line."""
     device = torch.device(args.device)
     pipe = bench_pipeline(args.model, device, _dtype_for(device))
     inputs = dit_inputs(pipe, _parse_size(args.size), args.frames)
     options = TierOptions(attention=args.attention, compile_backend=args.compile_backend)
     m = _measure_tier(pipe, args.tiers.split(",")[0], inputs, 1, options, None, per_step=False)
-    print(json.dumps({"first": m["first"], "forward_s": m["forward_s"]}))
+    log.info("bench child: %s tier's compiled code: %s", args.tiers, m["compile_path"])
+    print(json.dumps({"first": m["first"], "forward_s": m["forward_s"], "compile_path": m["compile_path"]}))
     return 0
 
 
@@ -342,6 +363,12 @@ def format_table(facts: dict, rows: list[BenchRow]) -> str:
     for r in rows:
         on = [f"{p['name']} ({p['detail']})" for p in r.applied if p["on"] and p["name"] != "resident"]
         lines.append(f"{r.tier}: " + ("; ".join(on) or "nothing applied"))
+    compiled = [r for r in rows if r.compile_cold_s is not None]
+    if compiled:
+        lines += ["", "compile s: first call minus a steady forward, after one eager forward at the same shape in "
+                      "that process (its CUDA/cuBLAS/cuDNN warm-up is not counted); warm: a new process"]
+        lines += [f"{r.tier} compiled code: cold process {r.compile_cold_path}; "
+                  f"new process {r.compile_warm_path or '-'}" for r in compiled]
     return "\n".join(lines)
 
 

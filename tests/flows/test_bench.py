@@ -1,4 +1,5 @@
-"""`wanflow bench` on the CPU with the tiny DiT: the table, the JSON, and the real-size model tables."""
+"""`wanflow bench` on the CPU with the tiny DiT: the table, the JSON, the real-size model tables, and the
+compile measurement (an eager forward first in each process, the warm start of a second process)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,8 @@ import json
 import pytest
 import torch
 
-from flows.bench import BENCH_MODELS, main, run_bench
+import flows.bench as bench
+from flows.bench import BENCH_MODELS, BenchRow, bench_pipeline, dit_inputs, format_table, main, run_bench
 from patches.tiers import TierOptions
 from wan_engine.dit import WanDiT
 
@@ -31,9 +33,37 @@ def test_real_size_models_have_the_released_parameter_counts(model, billions):
     assert sum(p.numel() for p in dit.parameters()) / 1e9 == pytest.approx(billions, abs=0.02)
 
 
+def test_a_compiled_tier_runs_one_eager_forward_before_its_timed_first_call(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    applied, forwards = [], []
+    apply_tier = bench.apply_tier
+    monkeypatch.setattr(bench, "apply_tier", lambda pipe, tier, *a, **k: applied.append(tier) or apply_tier(
+        pipe, tier, *a, **k))
+    pipe = bench_pipeline("tiny", torch.device("cpu"), torch.float32)
+    dit = pipe.experts["high_noise"]
+    dit.register_forward_pre_hook(lambda *_: forwards.append(list(applied)))
+    m = bench._measure_tier(pipe, "balanced", dit_inputs(pipe, (64, 64), 5), 1,
+                            TierOptions(compile_backend="eager"), None, per_step=False)
+    assert forwards[0] == ["quality"] and forwards[1] == ["quality", "balanced"]   # eager, then the timed first
+    assert m["compile_path"] == "compiled cold (artifact saved)"
+
+
+def test_the_table_says_how_each_compiled_tier_got_its_code():
+    facts = dict(device="CPU", torch="x", dtype="float32", model="tiny", size=[64, 64], frames=5, tokens=32,
+                 flops=1e9, gemm_tflops=1.0)
+    row = BenchRow("balanced", 1.0, 2.0, 1.0, 0.5, None, 3.0, 0.2, "", [], "compiled cold (artifact saved)",
+                   "precompiled artifact loaded")
+    table = format_table(facts, [row])
+    assert "after one eager forward at the same shape" in table
+    assert "balanced compiled code: cold process compiled cold (artifact saved); new process precompiled " \
+           "artifact loaded" in table
+
+
 @pytest.mark.slow
 def test_warm_compile_is_measured_in_a_second_process():
     facts, rows = run_bench("tiny", tiers=("balanced",), repeats=1, device="cpu",
                             options=TierOptions(compile_backend="eager"))
     assert rows[0].compile_cold_s is not None and rows[0].compile_warm_s is not None
+    assert rows[0].compile_cold_path == "compiled cold (artifact saved)"
+    assert rows[0].compile_warm_path == "precompiled artifact loaded"
     assert facts["tokens"] == 32
