@@ -254,9 +254,11 @@ class _Precompiled:
                 return fn
         started = time.perf_counter()
         try:
-            compiled = torch.compile(type(block).forward, backend=self.cfg.backend, mode=self.cfg.mode,
-                                     fullgraph=True, dynamic=False)
+            # The flag must be on when torch.compile wraps the function: that is when releases which
+            # gate the API (torch 2.11) attach `aot_compile` to the wrapper.
             with _aot_compile_enabled():
+                compiled = torch.compile(type(block).forward, backend=self.cfg.backend, mode=self.cfg.mode,
+                                         fullgraph=True, dynamic=False)
                 fn = compiled.aot_compile(((block, *args), kwargs))
             if path is not None:
                 self._save(fn, path)
@@ -280,7 +282,7 @@ class _Precompiled:
     def _load(self, path: Path, block, args: tuple, kwargs: dict) -> Callable | None:
         started = time.perf_counter()
         try:
-            with path.open("rb") as f:
+            with path.open("rb") as f, _aot_compile_enabled():
                 fn = torch.compiler.load_compiled_function(f)
             # The guards that torch kept in the artifact (tensor metadata, grad mode, TF32 and the
             # other global torch state) are checked once, on this first call: they catch whatever the

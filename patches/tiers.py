@@ -116,6 +116,8 @@ def plan_tier(tier: str, device: torch.device | str, task: str | None = None, op
     plan.append(PlannedPatch("compile", on, why,
                              (lambda p: apply_compile(p, compile_cfg)) if on else None))
     on, why = vae_decode_status(device)
+    if on and pipe is not None and pipe.vae is None:   # a DiT-only pipeline (wanflow bench)
+        on, why = False, "this pipeline has no VAE"
     plan.append(PlannedPatch("vae_decode", on, why, apply_vae_decode if on else None))
     if tier == "speed":
         cache = _step_cache(options.step_cache, options.threshold, sampling)

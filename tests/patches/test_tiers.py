@@ -62,6 +62,16 @@ def test_patches_apply_in_order_and_remove_last_first(pipe, monkeypatch):
                                                                 "vae_decode"]
 
 
+
+def test_vae_decode_is_off_for_a_pipeline_without_vae(pipe, monkeypatch):
+    """`wanflow bench` holds DiTs only: a compiled tier must still apply there (the VAE patch is off)."""
+    monkeypatch.setattr(tiers, "vae_decode_status", lambda device: (True, "test"))
+    monkeypatch.setattr(pipe, "vae", None)
+    entry = next(p for p in tiers.plan_tier("balanced", pipe.device, pipe=pipe) if p.name == "vae_decode")
+    assert (entry.on, entry.detail) == (False, "this pipeline has no VAE")
+    handle = apply_tier(pipe, "balanced", TierOptions(compile_backend="eager"))
+    handle.remove()
+
 @pytest.mark.parametrize("tier", ["quality", "balanced"] + (["speed"] if has_caches else []))
 def test_apply_then_remove_is_bit_identical(pipe, reference, tier):
     handle = apply_tier(pipe, tier, TierOptions(compile_backend="eager", threshold=0.5), steps=2)
