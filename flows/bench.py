@@ -226,13 +226,14 @@ def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, opti
         forward_s = statistics.median(timed(forward, device) for _ in range(max(repeats, 1)))
         step_s, calls = 2 * forward_s, ""
         batched = pipe.batch_cfg(inputs["tokens"])
+        pair = both_branches(inputs) if per_step and batched else None
+        if pair is not None:
+            forward(pair)  # a new shape: compiled tiers compile it here, outside the timing
         if per_step and handle.step_cache is not None:
             step_s = sampling_loop(pipe, inputs, steps, batched)
             records = handle.step_cache.calls
             calls = f"{sum(r.computed for r in records)}/{len(records)}"
-        elif per_step and batched:
-            pair = both_branches(inputs)
-            forward(pair)  # a new shape: compiled tiers compile it here, outside the timing
+        elif pair is not None:
             step_s = statistics.median(timed(lambda: forward(pair), device) for _ in range(max(repeats, 1)))
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return dict(first=first, forward_s=forward_s, step_s=step_s, calls=calls, peak_gb=peak,
