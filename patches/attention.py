@@ -1,8 +1,9 @@
 """Attention backend patch: torch SDPA (the engine's default) or FlashAttention-4 where it runs.
 
 FlashAttention-4 (PyPI `flash-attn-4`, import `flash_attn.cute`, CuTe DSL kernels for Hopper SM90
-and Blackwell SM100/SM120) was 1.16-1.18x SDPA at Wan's shapes (40 heads x 128, bf16) on an H200,
-relative difference 3e-3 (ANCHORS.md 1). With backend "auto" it is used when it imports, the GPU is
+and Blackwell SM100/SM120) ran 1.11-1.16x SDPA at Wan's shapes (40 heads x 128, bf16) on our H200
+(660 vs 592 TFLOP/s at 480p, 647 vs 560 at 720p), relative difference 3.1e-3, and an A14B expert's
+forward 0.91x its SDPA time (docs/benchmarks.md). With backend "auto" it is used when it imports, the GPU is
 one it has kernels for, the model runs in bf16/fp16, and a small probe call agrees with SDPA;
 otherwise SDPA stays. Either way one log line names the backend and why.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import wan_engine
-from patches.compile import CACHE_ENV
+from patches.compile import CACHE_ENV, chosen_cache_dir
 from patches.tiers import TierHandle, TierOptions, apply_tier
 from tasks.runlog import run_logger
 
@@ -85,8 +85,9 @@ def get_tiered_pipeline(checkpoint: str, device: str, tier: str, teacache_thresh
         run_logger().info("removing tier %s from %s on %s before applying %s", applied.tier, checkpoint, device, tier)
         del _TIERS[key]
         applied.handle.remove()
-    if cache_dir is not None and options.compile_backend == "inductor":
-        os.environ.setdefault(CACHE_ENV, str(Path(cache_dir) / "inductor"))
+    # Not setdefault: importing torch._dynamo writes torch's own default dir into the variable.
+    if cache_dir is not None and options.compile_backend == "inductor" and chosen_cache_dir() is None:
+        os.environ[CACHE_ENV] = str(Path(cache_dir) / "inductor")
     handle = apply_tier(pipe, tier, options, steps=steps, shift=shift, solver=solver)
     _TIERS[key] = _AppliedTier(tier, options, handle)
     return pipe, handle

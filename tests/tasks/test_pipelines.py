@@ -2,6 +2,11 @@
 each run's step cache prepared for that run."""
 from __future__ import annotations
 
+import os
+
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from patches.compile import CACHE_ENV
 from tasks.pipelines import get_tiered_pipeline
 
 
@@ -49,3 +54,15 @@ def test_the_speed_tier_runs_the_requested_step_cache():
     magcache = tier_options("speed", 0.3, "magcache")
     assert magcache.step_cache == "magcache" and magcache.threshold is None   # its published schedule
     assert tier_options("balanced", 0.3, "magcache") == tier_options("balanced")
+
+
+def test_the_flow_cache_dir_wins_over_torchs_default(tmp_path, monkeypatch):
+    """Importing torch._dynamo puts torch's own default into TORCHINDUCTOR_CACHE_DIR; that is not a user's
+    choice, so compiled kernels still go under the flow's cache dir, while a user's own choice stays."""
+    monkeypatch.setenv(CACHE_ENV, default_cache_dir())
+    get_tiered_pipeline("tiny", "cpu", "balanced", cache_dir=tmp_path)
+    assert os.environ[CACHE_ENV] == str(tmp_path / "inductor")
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    get_tiered_pipeline("tiny", "cpu", "speed", cache_dir=tmp_path)
+    assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
