@@ -105,14 +105,18 @@ def keep_setting(owner: object, name: str) -> Undo:
     return lambda: setattr(owner, name, old)
 
 
-def setdefault_env(name: str, value: str) -> Undo:
-    """Set an environment variable unless the user already has; the undo unsets only what we set."""
-    if name in os.environ:
-        return lambda: None
+def set_env(name: str, value: str) -> Undo:
+    """Set an environment variable; the undo puts back its previous value (or absence), unless someone
+    changed it since."""
+    old = os.environ.get(name)
     os.environ[name] = value
 
     def undo() -> None:
-        if os.environ.get(name) == value:
+        if os.environ.get(name) != value:
+            return
+        if old is None:
             del os.environ[name]
+        else:
+            os.environ[name] = old
 
     return undo

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from .attention import SEAM
-from .base import PatchStack, keep_attr, keep_setting
+from .base import PatchStack, keep_attr, keep_setting, set_env
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +114,12 @@ def _enable_disk_caches(stack: PatchStack) -> str:
     import torch._inductor.config as inductor_config
 
     if chosen_cache_dir() is None:
-        stack.undo_on_remove(_swap_env(CACHE_ENV, str(wanflow_inductor_dir())))
+        stack.undo_on_remove(set_env(CACHE_ENV, str(wanflow_inductor_dir())))
     stack.undo_on_remove(keep_setting(inductor_config, "fx_graph_cache"))
     stack.undo_on_remove(keep_setting(functorch_config, "enable_autograd_cache"))
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
     return os.environ[CACHE_ENV]
-
-
-def _swap_env(name: str, value: str) -> Callable[[], None]:
-    """Set an environment variable; the undo puts back its previous value (or absence) unless it changed since."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-
-    def undo() -> None:
-        if os.environ.get(name) != value:
-            return
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
-
-    return undo
 
 
 def _warn_once(reason: str, message: str, *args) -> None:

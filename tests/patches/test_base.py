@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from patches.base import PatchHandle, PatchStack, keep_attr, setdefault_env, swap_attr
+from patches.base import PatchHandle, PatchStack, keep_attr, set_env, swap_attr
 
 
 class Thing:
@@ -50,12 +50,17 @@ def test_swap_attr_restores_the_class_default_or_the_instance_value():
     assert vars(thing)["default"] == "own"
 
 
-def test_setdefault_env_respects_the_user_and_unsets_only_its_own(monkeypatch):
+def test_set_env_undo_restores_the_previous_value_or_absence(monkeypatch):
     monkeypatch.setenv("WANFLOW_TEST_VAR", "user")
-    setdefault_env("WANFLOW_TEST_VAR", "ours")()
-    assert os.environ["WANFLOW_TEST_VAR"] == "user"
-    monkeypatch.delenv("WANFLOW_TEST_VAR")
-    undo = setdefault_env("WANFLOW_TEST_VAR", "ours")
+    undo = set_env("WANFLOW_TEST_VAR", "ours")
     assert os.environ["WANFLOW_TEST_VAR"] == "ours"
     undo()
+    assert os.environ["WANFLOW_TEST_VAR"] == "user"
+    monkeypatch.delenv("WANFLOW_TEST_VAR")
+    undo = set_env("WANFLOW_TEST_VAR", "ours")
+    undo()
     assert "WANFLOW_TEST_VAR" not in os.environ
+    undo = set_env("WANFLOW_TEST_VAR", "ours")
+    os.environ["WANFLOW_TEST_VAR"] = "changed since"
+    undo()
+    assert os.environ["WANFLOW_TEST_VAR"] == "changed since"   # a later change is not ours to undo
