@@ -28,9 +28,11 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-
-def _warps(block: int) -> int:
-    return min(16, max(4, block // 512))
+# One row (token) per program, 4 warps: at 480p on an H200 (L = 32,760, width 5,120) a sweep of 4, 8, 16
+# and 32 warps gave 4 the fastest for every kernel here (LayerNorm-modulate 0.25 ms against 0.34 with 16,
+# add + LayerNorm 0.56 against 0.66, q/k RMSNorm + RoPE 0.17 against 0.20 with 8): 3.6-4.1 TB/s, against
+# 4.2 for a plain copy.
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -90,7 +92,7 @@ def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | 
     wrap_triton(_add_layer_norm_kernel)[(B * L,)](
         x, y, gate, weight, bias, shift, scale, out_sum, out, L, C, stride_gb, stride_gl, stride_mb, stride_ml,
         eps, HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_AFFINE=weight is not None,
-        HAS_MOD=shift is not None, NORM=out is not None, BLOCK=block, num_warps=_warps(block))
+        HAS_MOD=shift is not None, NORM=out is not None, BLOCK=block, num_warps=NUM_WARPS)
 
 
 # The ops. Each has an out-of-place form; the two residual adds also have an in-place one (the float32
@@ -222,7 +224,7 @@ def _rms_norm_rope_op(x: Tensor, weight: Tensor, eps: float, num_heads: int, cos
     wrap_triton(_rms_norm_rope_kernel)[(B * L,)](
         x, weight, cos, sin, mem, L, C, x.stride(0), x.stride(1), mem.stride(0), mem.stride(1), mem.stride(2),
         D // 2, eps, N=num_heads, D=D, N_BLOCK=n_block, HAS_ROPE=cos is not None,
-        num_warps=_warps(n_block * D // 2))
+        num_warps=NUM_WARPS)
     return mem
 
 
