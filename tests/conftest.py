@@ -1,10 +1,18 @@
 """Shared test fixtures: where the oracle checkpoint tree and reference tensors live."""
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Where Triton is installed but no GPU is, its interpreter runs the engine's kernels on the CPU
+# (tests/wan_engine/test_triton_kernels.py). Triton reads the switch when first imported, so it is set here,
+# before any test module imports the engine; a GPU machine runs the kernels for real.
+if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ORACLE_DIR = Path(__file__).parent / "fixtures" / "oracle"
 REFS_DIR = ORACLE_DIR / "refs"
