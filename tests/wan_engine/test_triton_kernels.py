@@ -1,10 +1,11 @@
 """The Triton kernels (wan_engine.triton_kernels) against the plain PyTorch ops, eager and inside torch.compile.
 
 Each test runs on a CUDA GPU (`-m gpu`, the device machine) or on the CPU through Triton's interpreter, when
-Triton is installed and the process starts with TRITON_INTERPRET=1 (Triton decides at import time; tests/conftest.py
-sets it where Triton is installed and no GPU is, as in CI). Without Triton the file skips. On the CPU the tests route CPU tensors to the kernels by replacing `dit.use_triton`, and
-hand torch.compile a `JITFunction` whose launches run in the interpreter: `wrap_triton` traces only
-JITFunctions, and the kernel source is what gets traced either way.
+Triton is installed and the process starts with TRITON_INTERPRET=1 (Triton decides at import time;
+tests/conftest.py sets it where Triton is installed and no GPU is, as in CI). Without Triton the file skips.
+On the CPU the tests route CPU tensors to the kernels by replacing `dit.use_triton`, and hand torch.compile a
+`JITFunction` whose launches run in the interpreter: `wrap_triton` traces only JITFunctions, and the kernel
+source is what gets traced either way.
 """
 from __future__ import annotations
 
