@@ -66,7 +66,6 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scal
         tl.store(out_ptr + row * C + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-
 def _row_strides(t: Tensor | None, name: str) -> tuple[int, int]:
     """Strides (batch, token) of a [B, Lt, C] per-sample (Lt = 1) or per-token row tensor."""
     if t is None:
