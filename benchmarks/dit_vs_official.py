@@ -18,7 +18,9 @@ by every model (same tensors, no second copy). In one process, on one card:
   SDPA rate (1 x 40 heads x L x 128, bf16), both measured in the same run; with --fa4 also the floor
   at the FA4 rate measured at the same shape.
 Prints each model's first-call and median forward time (after the first call), peak memory, its
-ratios to the official, diffusers and the floor, and its relative error against the official output.
+ratios to the official, diffusers and the floor, and its relative error against the official output;
+then each model's energy per forward, mean power and SM clock (NVML, tasks.power) beside the
+sustained floor (the two rates held for a forward's length, when the card sits at its power limit).
 
     python benchmarks/dit_vs_official.py --size 832*480 --frames 81
 
@@ -42,12 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 
+from tasks.power import PowerMeter, PowerReading  # noqa: E402
 from wan_engine.dit import DiTConfig  # noqa: E402
 from wan_engine.tiny import random_dit  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 SMOKE = dict(A14B, dim=256, ffn_dim=512, num_heads=2, num_layers=2)   # --smoke: check the script on a CPU
 MODELS = ("official", "ours", "diffusers", "diffusers-compiled")
+SUSTAIN_S = 3.0   # how long the sustained floor holds each rate: about one 480p A14B forward on an H100/H200
 
 # Official (= our) state-dict names -> diffusers WanTransformer3DModel names. Note the swap: diffusers'
 # block norm2 is the cross-attention norm (official norm3); its FFN norm has no weights.
@@ -99,26 +103,32 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, dev: torch.device) -> tuple[float, list[float], torch.Tensor]:
-    """(first-call seconds, seconds of each later call, output); the first call is the warm-up."""
+def timed(fn, repeats: int, dev: torch.device) -> tuple[float, list[float], torch.Tensor, PowerReading | None]:
+    """(first-call seconds, seconds of each later call, output, the card's power reading over the later
+    calls); the first call is the warm-up."""
     _sync(dev)
     t0 = time.perf_counter()
     out = fn()
     _sync(dev)
     first = time.perf_counter() - t0
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-    return first, times, out
+    with PowerMeter(dev) as meter:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+    return first, times, out, meter.reading
 
 
 def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: int = 512,
                   fa4: bool = False) -> dict:
     """The floor of one forward: linear FLOPs at the 8192^3 bf16 GEMM rate + attention FLOPs at the
-    SDPA rate at Wan's self-attention shape, both measured now."""
+    SDPA rate at Wan's self-attention shape, both measured now in short bursts (the issue's floor).
+
+    Also the sustained floor: the same two rates each held for about `SUSTAIN_S` seconds, as long as a
+    forward lasts. On a card that reaches its power limit (H100/H200 at 700 W) the clock then drops and
+    the rates with it; that floor is what a forward can approach."""
     def rate(fn, flops, repeats=10):
         fn()
         _sync(dev)
@@ -127,6 +137,12 @@ def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: i
             fn()
         _sync(dev)
         return flops * repeats / (time.perf_counter() - t0)
+
+    def sustained(fn, flops, burst_rate):
+        repeats = max(1, round(SUSTAIN_S * burst_rate / flops)) if dev.type == "cuda" else 1
+        with PowerMeter(dev) as meter:
+            r = rate(fn, flops, repeats)
+        return r, meter.reading
 
     n = 8192 if dev.type == "cuda" else 512
     a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
@@ -137,8 +153,13 @@ def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: i
     sdpa = rate(lambda: F.scaled_dot_product_attention(q, k, v), attn_flops, repeats=5)
     attn = cfg.num_layers * (4 * tokens * tokens * cfg.dim + 4 * tokens * text_tokens * cfg.dim)
     linear = cfg.flops_per_forward(tokens, text_tokens) - attn
+    gemm_held, gemm_power = sustained(lambda: a @ b, 2 * n**3, gemm)
+    sdpa_held, sdpa_power = sustained(lambda: F.scaled_dot_product_attention(q, k, v), attn_flops, sdpa)
     floor = dict(gemm_tflops=gemm / 1e12, sdpa_tflops=sdpa / 1e12, linear_tflop=linear / 1e12,
-                 attention_tflop=attn / 1e12, seconds=linear / gemm + attn / sdpa)
+                 attention_tflop=attn / 1e12, seconds=linear / gemm + attn / sdpa,
+                 sustained=dict(gemm_tflops=gemm_held / 1e12, sdpa_tflops=sdpa_held / 1e12,
+                                seconds=linear / gemm_held + attn / sdpa_held,
+                                gemm_power=power_dict(gemm_power), sdpa_power=power_dict(sdpa_power)))
     if fa4:
         from patches.attention import fa4_attention
 
@@ -150,7 +171,18 @@ def measure_floor(cfg: DiTConfig, tokens: int, dev: torch.device, text_tokens: i
         ref = F.scaled_dot_product_attention(q, k, v).float()
         floor.update(fa4_tflops=fa4_rate / 1e12, fa4_seconds=linear / gemm + attn / fa4_rate,
                      fa4_vs_sdpa_rel=((out.float() - ref).norm() / ref.norm()).item())
+        fa4_held, fa4_power = sustained(lambda: fa4_attention(q, k, v), attn_flops, fa4_rate)
+        floor["sustained"].update(fa4_tflops=fa4_held / 1e12, fa4_seconds=linear / gemm_held + attn / fa4_held,
+                                  fa4_power=power_dict(fa4_power))
     return floor
+
+
+def power_dict(reading: PowerReading | None, calls: int = 1) -> dict | None:
+    """A power reading as JSON-able numbers, its energy divided over `calls` (joules per call)."""
+    if reading is None:
+        return None
+    return dict(joules=reading.joules / calls, watts=reading.watts, sm_mhz=reading.sm_mhz,
+                power_capped=reading.power_capped)
 
 
 def build_diffusers(arch: dict, sd: dict, dev: torch.device):
@@ -267,7 +299,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            first, times, out = timed(runs[name], args.repeats, dev)
+            first, times, out, power = timed(runs[name], args.repeats, dev)
         except Exception as e:  # a compiled or FA4 variant that fails must not cost the other results
             if name in ("official", "ours", "diffusers"):
                 raise
@@ -275,7 +307,7 @@ def main() -> None:
             continue
         peak = torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else float("nan")
         results[name] = dict(first_s=first, seconds=statistics.median(times), all=times, peak_gb=peak,
-                             out=out.float())
+                             power=power_dict(power, len(times)), out=out.float())
         print(f"{name}: first call {first:.3f} s, median {results[name]['seconds']:.3f} s", flush=True)
 
     ref = results.get("official")
@@ -301,6 +333,21 @@ def main() -> None:
         print(f"{name:<19} {r['first_s']:8.2f} {r['seconds']:9.3f} {flops / r['seconds'] / 1e12:8.0f} "
               f"{ratio(r, 'official'):>9} {ratio(r, 'diffusers'):>10} {r['seconds'] / floor['seconds']:7.3f} "
               f"{r['peak_gb']:8.1f} {r['rel_err']:8.1e}")
+    held = floor["sustained"]
+    print(f"sustained floor {held['seconds']:.3f} s: GEMM {held['gemm_tflops']:.0f}, SDPA {held['sdpa_tflops']:.0f} "
+          f"TFLOP/s, each held {SUSTAIN_S:.0f} s")
+    if "fa4_seconds" in held:
+        print(f"sustained FA4 floor {held['fa4_seconds']:.3f} s: FA4 {held['fa4_tflops']:.0f} TFLOP/s held")
+    print(f"\n{'energy':<19} {'J/forward':>10} {'W':>6} {'SM MHz':>7} {'capped':>7} {'/sust. floor':>13}")
+    kernels = [(f"(sustained {k})", dict(power=held.get(f"{k.lower()}_power"))) for k in ("GEMM", "SDPA", "FA4")]
+    for name, r in list(results.items()) + kernels:
+        pw = r["power"]
+        if pw is None:
+            continue
+        joules = f"{pw['joules']:10.0f}" if "seconds" in r else f"{'-':>10}"
+        own_floor = held["fa4_seconds"] if name.endswith("fa4") else held["seconds"]
+        vs_floor = f"{r['seconds'] / own_floor:13.3f}" if "seconds" in r else f"{'-':>13}"
+        print(f"{name:<19} {joules} {pw['watts']:6.0f} {pw['sm_mhz']:7.0f} {pw['power_capped']:7.0%} {vs_floor}")
     for name in [n for n in results if n.startswith("ours")]:
         if "diffusers-compiled" in results:
             print(f"{name} / diffusers compiled: {ratio(results[name], 'diffusers-compiled')}")

@@ -4,7 +4,8 @@ A real-size DiT (one A14B expert, or TI2V-5B; `tiny` for a CPU check) is built o
 filled with random weights directly on the device, so no checkpoint is needed. For each tier it
 reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
 forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
-through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memory, and for compiled
+the MFU against a bf16 8192^3 GEMM measured here, peak memory, the card's energy per forward with
+mean power and SM clock (NVML, tasks.power: at the power cap time follows energy), and for compiled
 tiers the compile overhead (first call minus a steady forward) cold (fresh inductor cache) and warm
 (a second process finding that cache on disk: this module re-runs itself as a subprocess).
 
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from patches.tiers import TIERS, TierOptions, apply_tier, plan_tier
+from tasks.power import PowerMeter, PowerReading
 from wan_engine import MODEL_SPECS, BlockCall, ModelSpec, WanPipeline
 from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
@@ -87,6 +89,10 @@ class BenchRow:
     applied: list[dict] = field(default_factory=list)
     compile_cold_path: str | None = None  # how the compiled code came in the cold process (CompileHandle.warm_start)
     compile_warm_path: str | None = None  # the same in the second process: "precompiled artifact loaded", ...
+    joules_per_forward: float | None = None  # the card's energy per steady forward (NVML; None where unmeasured)
+    watts: float | None = None               # its mean power over those forwards
+    sm_mhz: float | None = None              # mean SM clock over them
+    power_capped: float | None = None        # fraction of that time the power cap held the clock down
 
 
 # ---------------------------------------------------------------- building and timing
@@ -223,7 +229,9 @@ def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, opti
         first = timed(forward, device)
         compile_handle = next((h for h in handle.handles if getattr(h, "name", None) == "compile"), None)
         compile_path = getattr(compile_handle, "warm_start", None)
-        forward_s = statistics.median(timed(forward, device) for _ in range(max(repeats, 1)))
+        with PowerMeter(device) as meter:
+            times = [timed(forward, device) for _ in range(max(repeats, 1))]
+        forward_s = statistics.median(times)
         step_s, calls = 2 * forward_s, ""
         batched = pipe.batch_cfg(inputs["tokens"])
         pair = both_branches(inputs) if per_step and batched else None
@@ -237,7 +245,8 @@ def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, opti
             step_s = statistics.median(timed(lambda: forward(pair), device) for _ in range(max(repeats, 1)))
         peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
         return dict(first=first, forward_s=forward_s, step_s=step_s, calls=calls, peak_gb=peak,
-                    applied=handle.summary()["patches"], compile_path=compile_path)
+                    applied=handle.summary()["patches"], compile_path=compile_path,
+                    power=meter.reading, forwards=len(times))
     finally:
         handle.remove()
 
@@ -252,6 +261,11 @@ def _dtype_for(device: torch.device) -> torch.dtype:
 
 def _compiles(tier: str, device: torch.device, options: TierOptions) -> bool:
     return any(p.name == "compile" and p.on for p in plan_tier(tier, device, options=options))
+
+
+def power_fields(reading: PowerReading, forwards: int) -> dict:
+    return dict(joules_per_forward=reading.joules / forwards, watts=reading.watts, sm_mhz=reading.sm_mhz,
+                power_capped=reading.power_capped)
 
 
 # ---------------------------------------------------------------- the bench
@@ -291,9 +305,11 @@ def run_bench(model: str = "t2v-A14B", size: tuple[int, int] | None = None, fram
             else:
                 m = _measure_tier(pipe, tier, inputs, repeats, options, steps)
             tflops = flops / m["forward_s"] / 1e12
+            power = m["power"]
             rows.append(BenchRow(tier, m["forward_s"], m["step_s"], tflops, tflops * 1e12 / gemm, m["peak_gb"],
                                  m["first"] - m["forward_s"] if compiled else None, None, m["calls"], m["applied"],
-                                 compile_cold_path=m["compile_path"] if compiled else None))
+                                 compile_cold_path=m["compile_path"] if compiled else None,
+                                 **(power_fields(power, m["forwards"]) if power else {})))
         del pipe, inputs   # the second process needs the device memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -354,16 +370,21 @@ def format_table(facts: dict, rows: list[BenchRow]) -> str:
         f"{facts['flops'] / 1e12:,.4g} TFLOP per forward; measured GEMM rate {facts['gemm_tflops']:,.4g} TFLOP/s",
         "",
         f"{'tier':<9} {'s/forward':>10} {'s/step':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GB':>8} "
-        f"{'compile cold s':>15} {'compile warm s':>15} {'calls':>8}",
+        f"{'compile cold s':>15} {'compile warm s':>15} {'calls':>8} {'J/forward':>10} {'W':>5} {'SM MHz':>7} "
+        f"{'capped':>7}",
     ]
     for r in rows:
         lines.append(f"{r.tier:<9} {r.forward_s:>10.4f} {r.step_s:>9.4f} {r.tflops:>8.3g} {r.mfu:>6.1%} "
                      f"{num(r.peak_gb, '.1f'):>8} {num(r.compile_cold_s, '.2f'):>15} "
-                     f"{num(r.compile_warm_s, '.2f'):>15} {r.calls or 'all':>8}")
+                     f"{num(r.compile_warm_s, '.2f'):>15} {r.calls or 'all':>8} {num(r.joules_per_forward, '.0f'):>10} "
+                     f"{num(r.watts, '.0f'):>5} {num(r.sm_mhz, '.0f'):>7} {num(r.power_capped, '.0%'):>7}")
     lines.append("")
     for r in rows:
         on = [f"{p['name']} ({p['detail']})" for p in r.applied if p["on"] and p["name"] != "resident"]
         lines.append(f"{r.tier}: " + ("; ".join(on) or "nothing applied"))
+    if any(r.power_capped for r in rows):
+        lines += ["", "capped: share of the timed forwards during which the card's power limit held its SM clock "
+                      "down; at the cap, time follows energy (J/forward)"]
     compiled = [r for r in rows if r.compile_cold_s is not None]
     if compiled:
         lines += ["", "compile s: first call minus a steady forward, after one eager forward at the same shape in "

@@ -59,6 +59,19 @@ def test_the_table_says_how_each_compiled_tier_got_its_code():
            "artifact loaded" in table
 
 
+def test_the_table_shows_energy_where_measured_and_dashes_where_not():
+    facts = dict(device="GPU", torch="x", dtype="bfloat16", model="tiny", size=[64, 64], frames=5, tokens=32,
+                 flops=1e9, gemm_tflops=1.0)
+    measured = BenchRow("quality", 2.8, 5.6, 1.0, 0.5, 30.0, None, None, "", [], joules_per_forward=1904.0,
+                        watts=680.0, sm_mhz=1590.0, power_capped=0.93)
+    unmeasured = BenchRow("speed", 2.8, 5.6, 1.0, 0.5, None, None, None, "", [])
+    lines = format_table(facts, [measured, unmeasured]).splitlines()
+    quality = next(line for line in lines if line.startswith("quality "))
+    assert quality.split()[-4:] == ["1904", "680", "1590", "93%"]
+    assert next(line for line in lines if line.startswith("speed ")).split()[-4:] == ["-"] * 4
+    assert any("power limit held its SM clock" in line for line in lines)
+
+
 @pytest.mark.slow
 def test_warm_compile_is_measured_in_a_second_process():
     facts, rows = run_bench("tiny", tiers=("balanced",), repeats=1, device="cpu",
