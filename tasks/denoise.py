@@ -6,7 +6,8 @@ and skipped block stacks is fixed before sampling; the task reports it with what
 did, per step and per cond/uncond branch.
 
 Stops between steps when the flow run is being cancelled (checked at most every
-CANCEL_CHECK_SECONDS), and turns a CUDA out-of-memory error into next steps.
+CANCEL_CHECK_SECONDS), and turns a CUDA out-of-memory error into next steps. On a GPU it also reads the
+card's energy over the sampling (NVML), which the published metadata reports.
 Listeners registered with `listen_to_steps` (the CLI's progress bar) see every step too.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prefect.states import Cancelled, State
 
 import wan_engine
 from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice
+from tasks.power import PowerMeter, PowerReading
 
 CANCEL_CHECK_SECONDS = 2.0
 PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)
@@ -58,6 +60,7 @@ class Denoised:
     tier: dict = field(default_factory=dict)      # TierHandle.summary(): the tier and each patch's detail
     step_cache: dict | None = None                # the skip schedule and the calls made (None: no step cache)
     block_stack: list[str] = field(default_factory=list)  # per step: "computed", "reused" or per branch
+    energy: dict | None = None                    # energy_record(): the card's energy while denoising
 
     @property
     def model_calls(self) -> dict[str, int]:
@@ -168,10 +171,11 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
         progress = _Progress(steps, handle.step_cache)
         try:
-            result = pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=(w, h),
-                                   frame_num=frame_count, steps=steps, shift=shift, guide_scale=guide_scale,
-                                   solver=solver, seed=seed, decode=False, callback=progress,
-                                   should_cancel=_CancelWatch())
+            with PowerMeter(pipe.device) as meter:
+                result = pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=(w, h),
+                                       frame_num=frame_count, steps=steps, shift=shift, guide_scale=guide_scale,
+                                       solver=solver, seed=seed, decode=False, callback=progress,
+                                       should_cancel=_CancelWatch())
         except wan_engine.GenerationCancelled as exc:
             return Cancelled(message=f"cancelled between denoising steps: {exc}")
     logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
@@ -190,4 +194,13 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
                     experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
-                    block_stack=_block_stack_per_step(computed, steps))
+                    block_stack=_block_stack_per_step(computed, steps), energy=energy_record(meter.reading))
+
+
+def energy_record(reading: PowerReading | None) -> dict | None:
+    """What the GPU drew while the text encoder and the sampler ran (the whole card: other work on it
+    counts too); None where NVML could not tell (a CPU run, no driver)."""
+    if reading is None:
+        return None
+    return {"joules": round(reading.joules, 1), "mean_watts": round(reading.watts, 1),
+            "mean_sm_mhz": round(reading.sm_mhz), "power_capped": round(reading.power_capped, 3)}

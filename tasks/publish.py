@@ -127,6 +127,7 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
         "device": allocation.device,
         "gpu_wait_s": round(allocation.waited_s, 3),
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "energy": denoised.energy,
         "step_seconds": [round(s, 4) for s in denoised.step_seconds],
         "experts_per_step": denoised.experts_per_step,
         "block_stack_per_step": denoised.block_stack,
@@ -163,6 +164,7 @@ def _describe(published: Published, record: dict) -> None:
         f"- ran on {gpus}",
         *_tier_lines(record),
         f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
+        *_energy_lines(record),
     ])
     create_markdown_artifact(markdown, key="generated-video", description="The published video")
     rows = [{"phase": k, "seconds": v, "block stack": ""} for k, v in record["timings_s"].items()]
@@ -170,6 +172,14 @@ def _describe(published: Published, record: dict) -> None:
              for i, (s, what) in enumerate(zip(record["step_seconds"], record["block_stack_per_step"], strict=True))]
     create_table_artifact(rows, key="generation-timings", description="Seconds per phase and per denoising step")
     create_link_artifact(published.video.as_uri(), link_text="video.mp4", key="video-file")
+
+
+def _energy_lines(record: dict) -> list[str]:
+    energy = record["energy"]
+    if energy is None:
+        return []
+    return [f"- the GPU drew {energy['joules'] / 1e3:,.1f} kJ while denoising ({energy['mean_watts']:.0f} W mean, "
+            f"SM clock {energy['mean_sm_mhz']:,} MHz, {energy['power_capped']:.0%} of the time at its power limit)"]
 
 
 def _tier_lines(record: dict) -> list[str]:

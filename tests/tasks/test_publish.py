@@ -9,8 +9,9 @@ import torch
 
 from tasks import publish as publish_module
 from tasks.allocate import Allocation
-from tasks.denoise import Denoised
+from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
+from tasks.power import PowerReading
 from tasks.publish import STAGING, build_record, publish_files, slugify
 from tasks.warmup import WarmUp
 
@@ -79,3 +80,15 @@ def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
     assert record["block_stack_per_step"][2] == "reused"
     markdown = "\n".join(publish_module._tier_lines(record))
     assert "teacache: 6/8 model calls computed, 2 skipped" in markdown and "compile warm-up 12.5 s" in markdown
+    assert record["energy"] is None and publish_module._energy_lines(record) == []
+
+
+def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
+    reading = PowerReading(joules=77_040.0, seconds=112.0, sm_mhz=1603.4, power_capped=0.98, samples=9000)
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 1.0},
+                        step_seconds=[0.5] * 4, energy=energy_record(reading))
+    video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    record = build_record({"tier": "quality", "prompt": "p"}, denoised, video, Allocation(), "run")
+    assert record["energy"] == {"joules": 77040.0, "mean_watts": 687.9, "mean_sm_mhz": 1603, "power_capped": 0.98}
+    assert publish_module._energy_lines(record) == [
+        "- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power limit)"]
