@@ -34,6 +34,10 @@ from torch.library import triton_op, wrap_triton
 # 4.2 for a plain copy.
 NUM_WARPS = 4
 
+# FP32_SCALARS: a Python float argument (eps) reaches a kernel as fp32 when Triton launches it, but as fp64
+# when inductor does (a compiled block launching these kernels); an fp64 eps would turn the row's
+# normalisation into float64 arithmetic (33% slower at 480p, and other roundings). The kernels cast it.
+
 
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr,
@@ -54,7 +58,7 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scal
     if NORM:
         mean = tl.sum(x, axis=0) / C
         xc = tl.where(mask, x - mean, 0.0)
-        h = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / C + eps)
+        h = xc * tl.rsqrt(tl.sum(xc * xc, axis=0) / C + tl.cast(eps, tl.float32))  # see FP32_SCALARS
         if HAS_AFFINE:
             h = (h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                  + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32))
@@ -193,7 +197,7 @@ def _rms_norm_rope_kernel(x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr,
     d = tl.arange(0, D)[None, :]
     mask = (n < N) & (d < D)
     x = tl.load(x_ptr + b * stride_xb + t * stride_xl + n * D + d, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / C + eps)
+    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=1), axis=0) / C + tl.cast(eps, tl.float32))  # see FP32_SCALARS
     # Official roundings: normalise in float32, round to the weight dtype, scale in that dtype.
     dt = out_ptr.dtype.element_ty
     w = tl.load(w_ptr + n * D + d, mask=mask, other=0.0).to(tl.float32)

@@ -142,6 +142,28 @@ def test_in_place_ops_declare_their_mutation(device, backend):
     assert torch.equal(x_compiled, x_eager) and torch.equal(h_compiled, h_eager)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_inductor_launches_the_kernels_with_eager_numerics():
+    """Inductor hands a Python float (eps) to a user kernel as fp64 where Triton hands it as fp32; the kernels
+    cast it, so a compiled call computes exactly what an eager one does (float32 output: every bit shows)."""
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(4, 512, 1024, device="cuda", generator=gen)
+    shift, scale = torch.randn(4, 1, 2, 1024, device="cuda", generator=gen).unbind(2)
+    q = torch.randn(4, 512, 1024, device="cuda", generator=gen).bfloat16()
+    w = torch.randn(1024, device="cuda", generator=gen).bfloat16()
+
+    def ops(x, shift, scale, q, w):
+        return (K.layer_norm_modulate(x, 1e-6, torch.float32, shift=shift, scale=scale),
+                K.rms_norm_rope(q, w, 1e-6, 8))
+
+    torch._dynamo.reset()
+    eager = ops(x, shift, scale, q, w)
+    compiled = torch.compile(ops, backend="inductor", fullgraph=True)(x, shift, scale, q, w)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+
+
 def small_block(device: str, dim: int, num_heads: int, ffn_dim: int, seed: int = 0) -> DiTBlock:
     """A random float32 block whose weights are bf16-representable, so its .bfloat16() copy is the same model."""
     torch.manual_seed(seed)
