@@ -136,7 +136,8 @@ def residual_in_gemm_block(self, x, mod, context, rope):
     return _add_matmul(x, f, down.weight * gate_ffn[0, 0, :, None].to(dt))
 
 
-def block_variants(L: int, lat: tuple[int, ...], blocks: int, rounds: int) -> None:
+def blocks_forward(blocks: int, lat: tuple[int, ...]):
+    """A model of `blocks` real-width blocks (random bf16 weights) and its forward on fixed inputs."""
     model = build(blocks, torch.bfloat16)
     gen = torch.Generator(device="cuda").manual_seed(1)
     x_in = torch.randn((1, *lat), generator=gen, device="cuda")
@@ -147,6 +148,11 @@ def block_variants(L: int, lat: tuple[int, ...], blocks: int, rounds: int) -> No
         with torch.no_grad():
             return model(x_in, t, ctx)
 
+    return model, forward
+
+
+def block_variants(L: int, lat: tuple[int, ...], blocks: int, rounds: int) -> None:
+    model, forward = blocks_forward(blocks, lat)
     flops = model.config.flops_per_forward(L)
     engine = (K.rms_norm_rope, dit_module.DiTBlock._forward_fused)
     variants = {"engine as it is": engine,
@@ -211,16 +217,7 @@ def fp8_gemms(L: int) -> None:
 
 
 def fp8_forward(L: int, lat: tuple[int, ...], blocks: int) -> None:
-    model = build(blocks, torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x_in = torch.randn((1, *lat), generator=gen, device="cuda")
-    ctx = torch.randn(1, 120, 4096, generator=gen, device="cuda").bfloat16()
-    t = torch.tensor([900], device="cuda")
-
-    def forward():
-        with torch.no_grad():
-            return model(x_in, t, ctx)
-
+    model, forward = blocks_forward(blocks, lat)
     print(f"\nForward of {blocks} real-width blocks, eager, SDPA: bf16 FFN and FP8 FFN")
     ref = forward().float()
     metered("bf16 engine", forward, model.config.flops_per_forward(L), repeats=3)
