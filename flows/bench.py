@@ -4,10 +4,11 @@ A real-size DiT (one A14B expert, or TI2V-5B; `tiny` for a CPU check) is built o
 filled with random weights directly on the device, so no checkpoint is needed. For each tier it
 reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
 forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
-the MFU against a bf16 8192^3 GEMM measured here, peak memory, the card's energy per forward with
-mean power and SM clock (NVML, tasks.power: at the power cap time follows energy), and for compiled
-tiers the compile overhead (first call minus a steady forward) cold (fresh inductor cache) and warm
-(a second process finding that cache on disk: this module re-runs itself as a subprocess).
+through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memory, the card's energy
+per forward with mean power and SM clock (NVML, tasks.power: at the power cap time follows energy),
+and for compiled tiers the compile overhead (first call minus a steady forward) cold (fresh inductor
+cache) and warm (a second process finding that cache on disk: this module re-runs itself as a
+subprocess).
 
 Both compile figures measure compiling alone: before a compiled tier's first timed call, the process
 runs one eager forward at the same shape with the quality tier's patches (same attention backend), so

@@ -64,10 +64,14 @@ class PowerMeter:
             return self
         try:
             pynvml.nvmlInit()
+        except pynvml.NVMLError:
+            return self
+        try:
             self._handle = _nvml_handle(device)
             self._energy0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)  # mJ
         except pynvml.NVMLError:
             self._handle = None
+            pynvml.nvmlShutdown()
             return self
         self._t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._sample, daemon=True)
