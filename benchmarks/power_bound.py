@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_dit import A14B, build, cuda_time  # noqa: E402
+from profile_dit import A14B, build, cuda_time, forward_inputs  # noqa: E402
 from torch.library import wrap_triton  # noqa: E402
 
 from tasks.power import PowerMeter  # noqa: E402
@@ -139,10 +139,7 @@ def residual_in_gemm_block(self, x, mod, context, rope):
 def blocks_forward(blocks: int, lat: tuple[int, ...]):
     """A model of `blocks` real-width blocks (random bf16 weights) and its forward on fixed inputs."""
     model = build(blocks, torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x_in = torch.randn((1, *lat), generator=gen, device="cuda")
-    ctx = torch.randn(1, 120, 4096, generator=gen, device="cuda").bfloat16()
-    t = torch.tensor([900], device="cuda")
+    x_in, t, ctx = forward_inputs(lat)
 
     def forward():
         with torch.no_grad():

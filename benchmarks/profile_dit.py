@@ -149,6 +149,14 @@ def build(blocks: int, dtype: torch.dtype, seed: int = 0) -> WanDiT:
     return random_dit(DiTConfig(**A14B, num_layers=blocks), "cuda", dtype, seed)
 
 
+def forward_inputs(lat: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed inputs of a forward on CUDA: latents [1, *lat], timestep 900, a 120-token bf16 text context."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x_in = torch.randn((1, *lat), generator=gen, device="cuda")
+    ctx = torch.randn(1, 120, 4096, generator=gen, device="cuda").bfloat16()
+    return x_in, torch.tensor([900], device="cuda"), ctx
+
+
 def kernel_table(fn, path: Path, rows: int = 25) -> str:
     from torch.profiler import ProfilerActivity, profile
     fn()
@@ -213,10 +221,7 @@ def main() -> None:
 
     # ---- the blocks: plain vs Triton path, error against float32 weights, kernel tables
     model = build(args.blocks, torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x_in = torch.randn((1, *lat), generator=gen, device="cuda")
-    ctx = torch.randn(1, 120, 4096, generator=gen, device="cuda").bfloat16()
-    t = torch.tensor([900], device="cuda")
+    x_in, t, ctx = forward_inputs(lat)
     cfg = model.config
     attn_flops = args.blocks * (4 * L * L * dim + 4 * L * 512 * dim)
     linear_flops = cfg.flops_per_forward(L) - attn_flops
