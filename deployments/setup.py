@@ -4,7 +4,8 @@ Creates, or updates to what wanflow needs:
 - one concurrency limit per GPU of this host: tag `<prefix>-<i>`, or `<prefix>-<node>-<i>`
   with WAN_NODE_NAME when several hosts share the server; one slot each;
 - the process work pool the deployments of prefect.yaml name;
-- those deployments (`prefect deploy --all` on prefect.yaml);
+- those deployments (`prefect deploy --all` on prefect.yaml), whose parameter schemas then
+  refuse unknown parameters, so the server rejects such a run when it is created;
 - the automation that marks a run Crashed when its process died: the deployments' runs
   send a heartbeat every 30 s (prefect.yaml), and a run silent for 90 s is dead.
 It starts nothing except the local server it may need (deployments/server.py); a host's
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate, WorkPoolCreate
+from prefect.client.schemas.actions import DeploymentUpdate, GlobalConcurrencyLimitUpdate, WorkPoolCreate
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState
@@ -54,7 +55,7 @@ class SetupReport:
     """What setup found and changed."""
 
     api_url: str
-    server: str  # "configured", "running" or "started"
+    server: str  # "configured", "restarted", "running" or "started"
     gpu_tags: list[str] = field(default_factory=list)
     changed_tags: list[str] = field(default_factory=list)
     work_pool: str = ""
@@ -148,6 +149,22 @@ def deployed_names(client: SyncPrefectClient, pool: str) -> list[str]:
     return sorted(d.name for d in client.read_deployments(work_pool_filter=pools))
 
 
+def forbid_unknown_parameters(client: SyncPrefectClient, pool: str) -> None:
+    """Make the parameter schema of every deployment on the pool refuse unknown top-level parameters.
+
+    `prefect deploy` builds the schema from the flow's signature without `additionalProperties`, so a
+    run created with a misspelt parameter passed the server's check (enforce_parameter_schema) and
+    crashed in its process with only "exit status 1". With it the server answers 409 at creation:
+    "Additional properties are not allowed ('colour' was unexpected)".
+    """
+    pools = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
+    for deployment in client.read_deployments(work_pool_filter=pools):
+        schema = deployment.parameter_openapi_schema or {"type": "object", "properties": {}}
+        if schema.get("additionalProperties") is not False:
+            client.update_deployment(deployment.id, DeploymentUpdate(
+                parameter_openapi_schema={**schema, "additionalProperties": False}))
+
+
 def crash_automation() -> AutomationCore:
     """Crash a flow run that stopped sending heartbeats before reaching a final state."""
     return AutomationCore(
@@ -192,6 +209,7 @@ def setup(project_dir: Path = PROJECT_DIR, port: int = DEFAULT_PORT) -> SetupRep
         report.changed_tags = ensure_gpu_limits(client, report.gpu_tags)
         report.work_pool_created = ensure_work_pool(client, report.work_pool)
         deploy_project(api_url, project_dir)
+        forbid_unknown_parameters(client, report.work_pool)
         report.deployments = deployed_names(client, report.work_pool)
         report.automation = ensure_crash_automation(client)
     return report

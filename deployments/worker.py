@@ -1,7 +1,10 @@
-"""`wanflow worker`: this host's Prefect worker on the wanflow work pool.
+"""`wanflow worker`: this host's worker on the wanflow work pool.
 
-It is `prefect worker start --pool <pool> --type process` with what wanflow's runs need in
-its environment, which every flow run process it starts inherits:
+The `wanflow worker` process is a supervisor (deployments/supervisor.py) that runs Prefect's
+process worker as its child (deployments/prefect_worker.py), gives back at once the GPUs of
+runs whose process died, and on SIGTERM or Ctrl-C cancels the runs in flight on this host,
+frees their GPUs and exits 0. The worker's environment, which every flow run process it
+starts inherits, holds what wanflow's runs need:
 - WAN_PROJECT_DIR: this host's checkout, where prefect.yaml's pull step starts each run;
 - PREFECT_WORKER_QUERY_SECONDS=2 (Prefect's default is 10): a run triggered in the UI starts
   within ~2 s, and a queued one that a finished run made room for waits no longer;
@@ -16,6 +19,7 @@ import sys
 
 from deployments.server import configured_api_url
 from deployments.setup import PROJECT_DIR, read_project, work_pool_name
+from deployments.supervisor import Supervisor
 from flows.settings import get_settings
 
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
@@ -25,11 +29,15 @@ class WorkerError(RuntimeError):
     """The worker cannot start; the message says why."""
 
 
+def worker_name() -> str:
+    """wanflow-<WAN_NODE_NAME or host name>: how the UI and the stop messages name this host's worker."""
+    return f"wanflow-{get_settings().node_name or socket.gethostname()}"
+
+
 def worker_command(pool: str | None = None, name: str | None = None, limit: int | None = None) -> list[str]:
-    """The `prefect worker start` command line for this host."""
+    """The command line of the Prefect worker the supervisor runs for this host."""
     pool = pool or work_pool_name(read_project(PROJECT_DIR))
-    name = name or f"wanflow-{get_settings().node_name or socket.gethostname()}"
-    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--name", name]
+    command = [sys.executable, "-m", "deployments.prefect_worker", "--pool", pool, "--name", name or worker_name()]
     if limit is not None:
         command += ["--limit", str(limit)]
     return command
@@ -39,9 +47,9 @@ def worker_environment() -> dict[str, str]:
     return {"WAN_PROJECT_DIR": str(PROJECT_DIR), **WORKER_ENV, **os.environ}
 
 
-def run_worker(pool: str | None = None, name: str | None = None, limit: int | None = None) -> None:
-    """Replace this process with the worker (signals and Ctrl-C go straight to it)."""
+def run_worker(pool: str | None = None, name: str | None = None, limit: int | None = None) -> int:
+    """Run this host's worker until SIGTERM or Ctrl-C; returns the exit status."""
     if not configured_api_url():
         raise WorkerError("no Prefect server configured: run `wanflow setup` first, or set PREFECT_API_URL")
-    command = worker_command(pool, name, limit)
-    os.execve(command[0], command, worker_environment())
+    name = name or worker_name()
+    return Supervisor(name, worker_command(pool, name, limit), worker_environment()).run()

@@ -8,8 +8,9 @@ A manifest is YAML or JSONL, one GenerationRequest per entry, with defaults for 
       - {prompt: a fox in fresh snow, seed: 7}
 
 (a bare YAML list of entries works too). In JSONL each line is an entry, except a first
-line `{"defaults": {...}}`. Every entry is validated before any generation starts: one bad
-entry rejects the whole manifest, and every problem is reported with its line number.
+line `{"defaults": {...}}`. The manifest must lie inside WAN_INPUT_ROOTS (flows/inputs.py),
+as must the images its entries name. Every entry is validated before any generation starts:
+one bad entry rejects the whole manifest, and every problem is reported with its line number.
 
 Entries run as `generate-video` subflows in this one process, grouped by checkpoint: the
 process keeps what it loaded (tasks/pipelines.py), so a model is loaded once per GPU for
@@ -45,9 +46,11 @@ from prefect.states import Failed, State
 from pydantic import ValidationError
 
 from flows.generate import generate_video
-from flows.request import GenerationRequest
+from flows.inputs import InputError, confine
+from flows.request import GenerationRequest, describe_error
 from flows.settings import get_settings
 from tasks.gpus import GpuProfile, read_gpu_profile
+from tasks.markdown import literal, literal_cells
 from tasks.pipelines import evict_pipelines
 from tasks.publish import slugify
 
@@ -82,12 +85,22 @@ def load_manifest(path: str | Path, defaults: dict | None = None,
 
     `defaults` sit under the manifest's own defaults; an entry's fields win over both.
     """
+    if defaults is not None and not isinstance(defaults, dict):
+        raise ManifestError(f"defaults: an object of request fields, not {type(defaults).__name__}")
+    given = path
     path = Path(path)
     if path.suffix not in MANIFEST_SUFFIXES:
         raise ManifestError(f"{path}: a manifest is a {', '.join(MANIFEST_SUFFIXES)} file")
+    try:
+        path = confine(path, get_settings().input_roots, "WAN_INPUT_ROOTS")
+    except InputError as exc:
+        raise ManifestError(f"manifest: {exc}") from None
     if not path.is_file():
-        raise ManifestError(f"{path}: no such manifest file")
-    text = path.read_text(encoding="utf-8")
+        raise ManifestError(f"{given}: no such manifest file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{given}: not UTF-8 text (byte {exc.start})") from None
     parsed = _parse_jsonl(text) if path.suffix == ".jsonl" else _parse_yaml(text)
     profile = profile or read_gpu_profile(get_settings().gpu_inventory)
     entries, problems = _validate(parsed, {**(defaults or {}), **parsed.defaults}, profile)
@@ -128,24 +141,31 @@ def _parse_yaml(text: str) -> _Parsed:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         return _Parsed({}, [], [(mark.line + 1, f"not valid YAML ({exc.problem})")])
+    except yaml.YAMLError as exc:  # a character the reader refuses: a position and a reason, no mark
+        line = text.count("\n", 0, getattr(exc, "position", 0)) + 1
+        return _Parsed({}, [], [(line, f"not valid YAML ({getattr(exc, 'reason', None) or exc})")])
     if root is None:
         return _Parsed({}, [], [])
     if isinstance(root, yaml.SequenceNode):
         return _Parsed({}, _yaml_items(root, data), [])
     if not isinstance(root, yaml.MappingNode):
         return _Parsed({}, [], [(1, "a manifest is a list of entries or a mapping with `entries` (and `defaults`)")])
-    nodes = {key.value: (key.start_mark.line + 1, value) for key, value in root.value}
+    nodes = {key.value: (key.start_mark.line + 1, value) for key, value in root.value}  # safe_load: hashable keys
     problems = [(line, f"unknown top-level key {name!r}; a manifest has `defaults` and `entries`")
                 for name, (line, _) in nodes.items() if name not in ("defaults", "entries")]
     defaults = data.get("defaults") or {}
+    # a key brought in by a YAML merge (`<<:`) has no node of its own: its problems are reported on line 1
     if not isinstance(defaults, dict):
-        problems.append((nodes["defaults"][0], "defaults must be a mapping of request fields"))
+        problems.append((nodes.get("defaults", (1,))[0], "defaults must be a mapping of request fields"))
         defaults = {}
     items, entries = data.get("entries") or [], []
+    line, node = nodes.get("entries", (1, None))
     if not isinstance(items, list):
-        problems.append((nodes["entries"][0], "entries must be a list"))
-    elif items:
-        entries = _yaml_items(nodes["entries"][1], items)
+        problems.append((line, "entries must be a list"))
+    elif isinstance(node, yaml.SequenceNode):
+        entries = _yaml_items(node, items)
+    else:
+        entries = [(line, item, {}) for item in items]
     return _Parsed(defaults, entries, problems)
 
 
@@ -166,7 +186,7 @@ def _validate(parsed: _Parsed, defaults: dict, profile: GpuProfile) -> tuple[lis
             request = GenerationRequest.for_hardware(profile, **{str(k): v for k, v in {**defaults, **fields}.items()})
         except ValidationError as exc:
             for error in exc.errors():
-                where, message = _describe(error)
+                where, message = describe_error(error)
                 problems.append((field_lines.get(where, line), f"{where}: {message}" if where else message))
             continue
         key = entry_key(request)
@@ -178,15 +198,6 @@ def _validate(parsed: _Parsed, defaults: dict, profile: GpuProfile) -> tuple[lis
             request = request.model_copy(update={"seed": int(key[:8], 16) % 2**31})
         entries.append(BatchEntry(line, request, key))
     return entries, problems
-
-
-def _describe(error: dict) -> tuple[str, str]:
-    """(field, message) of a validation error; the request's own checks name their field first."""
-    message = error["msg"].removeprefix("Value error, ")
-    if error["loc"]:
-        return str(error["loc"][0]), message
-    field, _, rest = message.partition(": ")
-    return (field, rest) if field in GenerationRequest.model_fields else ("", message)
 
 
 def entry_key(request: GenerationRequest) -> str:
@@ -318,7 +329,7 @@ def batch_generate(manifest: str, defaults: dict[str, Any] | None = None,
     rows.sort(key=lambda row: row["line"])
     counts = Counter(row["status"] for row in rows)
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
-    create_table_artifact(rows, key="batch-summary", description=f"{manifest}: {summary}")
+    create_table_artifact(literal_cells(rows), key="batch-summary", description=f"{literal(manifest)}: {summary}")
     logger.info("%s: %s", manifest, summary)
     bad = [row for row in rows if row["status"] not in ("completed", "skipped")]
     if bad:

@@ -420,14 +420,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
 
 
+def refusal(model: str, device: torch.device) -> str | None:
+    """Why the bench cannot run `model` on `device`, said before any memory is taken; None when it can."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU here; for a CPU check run `wanflow bench --model tiny --device cpu`"
+    if device.type != "cuda" and model != "tiny":
+        return (f"--model {model}: the real-size DiT needs a CUDA GPU (on {device.type} its random weights alone "
+                f"take tens of GB and one forward minutes); for a CPU check run `wanflow bench --model tiny`")
+    return None
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     if args.child:
         return _child(args)
+    try:
+        device = torch.device(args.device) if args.device else _default_device()
+    except RuntimeError:
+        print(f"bench: --device {args.device!r} is not a device; use cuda, cuda:1 or cpu", file=sys.stderr)
+        return 2
+    problem = refusal(args.model, device)
+    if problem:
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
     options = TierOptions(step_cache=args.step_cache, threshold=args.threshold, attention=args.attention,
                           compile_backend=args.compile_backend)
     size = _parse_size(args.size) if args.size else None
     facts, rows = run_bench(args.model, size, args.frames, tuple(args.tiers.split(",")), args.repeats,
-                            device=args.device, options=options, steps=args.steps, experts=args.experts,
+                            device=device, options=options, steps=args.steps, experts=args.experts,
                             warm=not args.no_warm)
     print(format_table(facts, rows))
     if args.json:

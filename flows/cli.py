@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import types
 import typing
 from typing import Any
 
-# Before Prefect is imported (values the user set win): its embedded server takes longer than the
-# default 20 s to start on a small machine (2 cores: 12-40 s), and its telemetry job fails offline
-# and races the first run for the SQLite database, printing a long traceback.
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+from pydantic import ValidationError
 
-from pydantic import ValidationError  # noqa: E402
-
-from flows.request import GenerationRequest  # noqa: E402
-from flows.settings import get_settings  # noqa: E402
+from flows.request import GenerationRequest, problems
+from flows.settings import get_settings
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
 CALIBRATION_PROMPT = "a woman walking along a beach at sunset, waves rolling in, the camera slowly tracking her"
@@ -65,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         request = GenerationRequest(**fields)
     except ValidationError as exc:
-        print(f"invalid request: {exc}", file=sys.stderr)
+        for problem in problems(exc):
+            print(f"invalid request: {problem}", file=sys.stderr)
         return 2
     return _run(request, args.verbose)
 
@@ -73,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
     for name, field in GenerationRequest.model_fields.items():
         kind, choices = _option_type(field.annotation)
+        # a video of a built-in prompt is never what a user meant: `generate` asks for one
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
-                            help=field.description)
+                            help=field.description, required=name == "prompt")
 
 
 def _option_type(annotation: Any) -> tuple[Any, list | None]:
@@ -94,6 +89,7 @@ def _run(request: GenerationRequest, verbose: bool) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from flows.generate import generate_video
+    from flows.prefect_settings import offline_defaults
     from tasks.denoise import listen_to_steps
 
     if not verbose:
@@ -104,7 +100,8 @@ def _run(request: GenerationRequest, verbose: bool) -> int:
         bar = progress.add_task("denoise", total=request.steps)
         with listen_to_steps(lambda info: progress.update(bar, completed=info.step + 1, total=info.total)):
             try:
-                result = generate_video(request)
+                with offline_defaults():
+                    result = generate_video(request)
             except Exception as exc:  # the run failed: its message is the answer
                 print(f"generation failed: {exc}", file=sys.stderr)
                 return 1
@@ -224,7 +221,8 @@ def _add_service_commands(commands) -> None:
                                 "crashed-run automation")
     setup.add_argument("--port", type=int, default=4200,
                        help="port of the local server started when no PREFECT_API_URL is configured")
-    worker = commands.add_parser("worker", help="run this host's Prefect worker (prefect worker start --pool ...)")
+    worker = commands.add_parser("worker", help="run this host's Prefect worker; SIGTERM or Ctrl-C cancels the runs "
+                                 "in flight here and frees their GPUs")
     worker.add_argument("--pool", help="work pool (default: the one prefect.yaml names)")
     worker.add_argument("--name", help="worker name (default: wanflow-<WAN_NODE_NAME or host name>)")
     worker.add_argument("--limit", type=int, help="runs at once on this host (default: no limit, the GPU slots "
@@ -253,28 +251,39 @@ def _setup(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from deployments.worker import WorkerError, run_worker
 
+    logging.getLogger("deployments").setLevel(logging.INFO)  # Prefect's console handler prints what it says
     try:
-        run_worker(args.pool, args.name, args.limit)  # returns only when it cannot start
+        return run_worker(args.pool, args.name, args.limit)  # on SIGTERM or Ctrl-C: runs here cancelled, 0
     except WorkerError as exc:
         print(f"worker: {exc}", file=sys.stderr)
-    return 1
+        return 1
 
 
 def _batch(args: argparse.Namespace) -> int:
     import json
 
     from flows.batch import ManifestError, batch_generate, load_manifest
+    from flows.prefect_settings import offline_defaults
 
     try:
         defaults = json.loads(args.defaults) if args.defaults else None
+    except json.JSONDecodeError as exc:
+        print(f"invalid --defaults: not JSON ({exc})", file=sys.stderr)
+        return 2
+    if defaults is not None and not isinstance(defaults, dict):
+        print(f"invalid --defaults: an object of request fields, like '{{\"task\": \"tiny\"}}', not "
+              f"{type(defaults).__name__}", file=sys.stderr)
+        return 2
+    try:
         entries = load_manifest(args.manifest, defaults)
-    except (ManifestError, json.JSONDecodeError) as exc:
+    except ManifestError as exc:
         print(f"invalid manifest: {exc}", file=sys.stderr)
         return 2
     print(f"{args.manifest}: {len(entries)} entries", file=sys.stderr)
     if not args.verbose:
         _quiet_prefect_console()
-    state = batch_generate(args.manifest, defaults, skip_existing=not args.regenerate, return_state=True)
+    with offline_defaults():
+        state = batch_generate(args.manifest, defaults, skip_existing=not args.regenerate, return_state=True)
     rows = state.result(raise_on_failure=False)
     for row in rows if isinstance(rows, list) else []:
         print(f"line {row['line']:>4}  {row['status']:<9} {row['duration_s']:>7.1f} s  {row['output']}")

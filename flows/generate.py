@@ -32,6 +32,8 @@ def generate_video(request: GenerationRequest) -> Published | State:
     allocation = allocate_gpus(profile, request.strategy, settings.gpu_tag_base, gpu_ids=request.gpu_ids,
                                gpus_per_job=request.gpus_per_job, checkpoint=request.checkpoint,
                                poll_seconds=settings.gpu_poll_seconds, lease_seconds=settings.gpu_lease_seconds)
+    if isinstance(allocation, State):  # the run was cancelled before it had its GPUs
+        return Cancelled(message=allocation.message)
     seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     where = {"checkpoint": request.checkpoint, "device": allocation.device, "gpus": len(allocation.gpus)}
     run = {"size": request.size, "frame_count": request.frame_count, "steps": request.steps, "shift": request.shift,
@@ -43,7 +45,8 @@ def generate_video(request: GenerationRequest) -> Published | State:
                            guide_scale=request.guide_scale, seed=seed, **run, **where)
         if isinstance(denoised, State):  # the run was cancelled between two steps
             return Cancelled(message=f"cancelled during denoising, GPUs released: {denoised.message}")
-        video = encode(denoised.latents, fps=request.spec.fps, size=request.size, **where)
+        video = encode(denoised.latents, fps=request.spec.fps, size=request.size,
+                       outputs_dir=str(settings.outputs_dir), **where)
     return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir), warm)
 
 

@@ -3,8 +3,12 @@
 It is the parameter of the `generate-video` flow, so its JSON schema is what the Prefect UI
 renders: Literal fields become dropdowns and `Field(ge=, le=)` number ranges. Everything a
 run cannot satisfy fails at construction with the field, the value and what is allowed:
-an unknown task, a size the task does not offer, a duration outside the range for this
-hardware, an I2V request without an image, a missing checkpoint folder.
+an empty prompt, an unknown task, a size the task does not offer, a duration outside the
+range for this hardware, an I2V request without an image, an image or checkpoint outside
+the configured roots, an image that is not a readable PNG, JPEG, WEBP or BMP of sane size,
+a checkpoint folder the loader would refuse (flows/inputs.py). Prefect validates a flow's
+parameters before its body runs, so from the CLI, from Python and from a deployment run
+alike this happens before any GPU slot is taken.
 
 Defaults that depend on the task (size, steps, shift, frame count) are filled in, so the
 validated request is the complete record of what was asked for.
@@ -15,8 +19,9 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from flows.inputs import InputError, check_image, confine, validate_checkpoint
 from flows.settings import Strategy, Tier, get_settings
 from tasks.gpus import GpuProfile, read_gpu_profile
 from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
@@ -67,7 +72,8 @@ class GenerationRequest(BaseModel):
         "a red fox trotting through fresh snow, cinematic lighting", min_length=1, description="What the video shows."
     )
     negative_prompt: str = Field("", description="Empty: the official default negative prompt.")
-    image: str | None = Field(None, description="First frame (image file) for I2V tasks.")
+    image: str | None = Field(None, description="First frame for I2V tasks: a PNG, JPEG, WEBP or BMP file "
+                                                "inside WAN_INPUT_ROOTS.")
     size: SizeName | None = Field(None, description="W*H; unset: the task's first size.")
     duration_s: float | None = Field(None, gt=0, le=60, description="Video length; frames are 4k+1 at the task fps.")
     frame_count: int | None = Field(None, ge=5, le=1001, description="Exact frame count (4k+1), instead of duration_s.")
@@ -89,13 +95,21 @@ class GenerationRequest(BaseModel):
     gpus_per_job: int | None = Field(None, ge=1, le=64, description="GPUs per run for the concurrent strategy (1).")
     gpu_ids: list[int] | None = Field(None, description="Only these GPUs (NVML indices); unset: all of them.")
     checkpoint: str | None = Field(
-        None, description="Official checkpoint folder; unset: <WAN_CHECKPOINT_ROOT>/Wan2.2-<TASK>, or the preset."
+        None, description="Official checkpoint folder inside WAN_CHECKPOINT_ROOT or WAN_INPUT_ROOTS; unset: "
+                          "<WAN_CHECKPOINT_ROOT>/Wan2.2-<TASK>, or the preset."
     )
 
     @classmethod
     def for_hardware(cls, profile: GpuProfile, **fields: Any) -> GenerationRequest:
         """Validate against a given GPU profile instead of the one detected on this host."""
         return cls.model_validate(fields, context={"gpu_profile": profile})
+
+    @field_validator("prompt")
+    @classmethod
+    def _says_something(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is only whitespace; say what the video shows")
+        return value
 
     @property
     def spec(self) -> ModelSpec:
@@ -119,9 +133,9 @@ class GenerationRequest(BaseModel):
         self._resolve_frames(spec, profile)
         self.steps = self.steps or spec.steps
         self.shift = self.shift or spec.shift
-        self._check_image(spec)
+        self._check_image(spec, settings.input_roots)
         self._check_gpus(profile)
-        self._resolve_checkpoint(settings.checkpoint_root)
+        self._resolve_checkpoint(settings.checkpoint_root, settings.checkpoint_roots)
         return self
 
     def _check_size(self, spec: ModelSpec) -> None:
@@ -155,7 +169,7 @@ class GenerationRequest(BaseModel):
         if self.duration_s is None:
             self.duration_s = (frames - 1) / spec.fps
 
-    def _check_image(self, spec: ModelSpec) -> None:
+    def _check_image(self, spec: ModelSpec, roots: list[Path]) -> None:
         takes_image = spec.task in ("i2v", "ti2v")
         if spec.task == "i2v" and self.image is None:
             raise ValueError(
@@ -164,8 +178,13 @@ class GenerationRequest(BaseModel):
         if self.image is not None and not takes_image:
             raise ValueError(f"image: task {spec.name!r} takes no image; image tasks: "
                              f"{', '.join(n for n, s in MODEL_SPECS.items() if s.task in ('i2v', 'ti2v'))}")
-        if self.image is not None and not Path(self.image).is_file():
-            raise ValueError(f"image: {self.image!r} is not a file")
+        if self.image is not None:
+            try:
+                path = confine(self.image, roots, "WAN_INPUT_ROOTS")
+                check_image(path, self.image)
+            except InputError as exc:
+                raise ValueError(f"image: {exc}") from None
+            self.image = str(path)  # the file checked is the file read, whatever the working directory
 
     def _check_gpus(self, profile: GpuProfile) -> None:
         known = [g.index for g in profile.gpus]
@@ -180,7 +199,7 @@ class GenerationRequest(BaseModel):
         if self.gpus_per_job is not None and known and self.gpus_per_job > selected:
             raise ValueError(f"gpus_per_job: {self.gpus_per_job} is more than the {selected} selected GPU(s)")
 
-    def _resolve_checkpoint(self, root: Path | None) -> None:
+    def _resolve_checkpoint(self, root: Path | None, roots: list[Path]) -> None:
         if self.task in TINY_PRESETS:
             if self.checkpoint not in (None, self.task):
                 raise ValueError(f"checkpoint: {self.checkpoint!r} does not fit task {self.task!r}, "
@@ -192,6 +211,38 @@ class GenerationRequest(BaseModel):
                 raise ValueError(f"checkpoint: unset and WAN_CHECKPOINT_ROOT is unset; give the folder of "
                                  f"{release_folder(self.task)} or set WAN_CHECKPOINT_ROOT")
             self.checkpoint = str(root / release_folder(self.task))
-        if not Path(self.checkpoint).is_dir():
+        try:
+            folder = confine(self.checkpoint, roots, "WAN_CHECKPOINT_ROOT or WAN_INPUT_ROOTS")
+        except InputError as exc:
+            raise ValueError(f"checkpoint: {exc}") from None
+        if not folder.is_dir():
             raise ValueError(f"checkpoint: folder {self.checkpoint!r} does not exist; give an official "
                              f"{release_folder(self.task)} folder (or use a preset task: {', '.join(TINY_PRESETS)})")
+        try:
+            found = validate_checkpoint(folder)
+        except (OSError, ValueError) as exc:  # CheckpointError, a broken config.json, an unreadable file
+            raise ValueError(f"checkpoint: {exc}") from None
+        if found.name != self.task:
+            raise ValueError(f"checkpoint: {self.checkpoint!r} holds a {found.name} model (its config.json), "
+                             f"not {self.task}; give a {release_folder(self.task)} folder or task={found.name!r}")
+        self.checkpoint = str(folder)
+
+
+def describe_error(error: dict) -> tuple[str, str]:
+    """(field, message) of one pydantic error of a request; the request's own checks name their field first."""
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = f"not a request field; the fields: {', '.join(GenerationRequest.model_fields)}"
+    if error["loc"]:
+        return str(error["loc"][0]), message
+    field, _, rest = message.partition(": ")
+    return (field, rest) if field in GenerationRequest.model_fields else ("", message)
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One `field: message` line per problem of a rejected request."""
+    lines = []
+    for error in exc.errors():
+        field, message = describe_error(error)
+        lines.append(f"{field}: {message}" if field else message)
+    return lines

@@ -1,17 +1,24 @@
-"""wanflow settings: where checkpoints and outputs live, the request defaults and the GPU tags.
+"""wanflow settings: where checkpoints, inputs and outputs live, the request defaults and the GPU tags.
 
 Read from `WAN_*` environment variables and a `.env` file in the working directory; Prefect's
 own `PREFECT_*` settings are left to Prefect. Build them with `get_settings()` (cached, so
 tests can clear it) rather than a module-level singleton.
+
+The roots confine what a request may read (flows/inputs.py): input images, manifests and LoRA
+files must lie inside one of `WAN_INPUT_ROOTS` (default: the working directory), checkpoint
+folders inside `WAN_CHECKPOINT_ROOT` or one of the input roots, after symlinks and `..` are
+resolved. Relative roots are taken from the working directory of the process that checks.
 """
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tasks.allocate import Strategy
 from tasks.gpus import SimulatedGpu
@@ -25,7 +32,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WAN_", env_file=".env", extra="ignore")
 
     checkpoint_root: Path | None = Field(
-        None, description="Folder holding the official releases (Wan2.2-T2V-A14B/, Wan2.2-I2V-A14B/, ...)."
+        None, description="Folder holding the official releases (Wan2.2-T2V-A14B/, Wan2.2-I2V-A14B/, ...); "
+        "a request's checkpoint must lie inside it or inside one of the input roots."
+    )
+    input_roots: Annotated[list[Path], NoDecode] = Field(
+        [Path(".")], min_length=1,
+        description="Folders a request may read images, manifests and LoRA files from (and checkpoints, besides "
+        f"WAN_CHECKPOINT_ROOT): a list separated by {os.pathsep!r} or a JSON list; default: the working directory.",
     )
     outputs_dir: Path = Field(Path("outputs"), description="Published videos go to <outputs_dir>/<date>/.")
     cache_dir: Path = Field(
@@ -52,6 +65,16 @@ class Settings(BaseSettings):
         60.0, ge=60, description="Lease on held GPU slots; a dead holder's slots free after this long."
     )
 
+    @field_validator("input_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part for part in text.split(os.pathsep) if part.strip()]
+        return value
+
     @field_validator("default_task")
     @classmethod
     def _known_task(cls, value: str | None) -> str | None:
@@ -60,6 +83,11 @@ class Settings(BaseSettings):
         if value is not None and value not in MODEL_SPECS:
             raise ValueError(f"WAN_DEFAULT_TASK={value!r} is not a task; allowed: {', '.join(MODEL_SPECS)}")
         return value
+
+    @property
+    def checkpoint_roots(self) -> list[Path]:
+        """Where a request's checkpoint folder may lie: WAN_CHECKPOINT_ROOT, then the input roots."""
+        return [*([self.checkpoint_root] if self.checkpoint_root else []), *self.input_roots]
 
     @property
     def gpu_tag_base(self) -> str:

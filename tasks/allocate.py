@@ -1,24 +1,20 @@
 """The `allocate-gpus` task: pick GPUs by strategy and hold them for the whole GPU phase.
 
-Every GPU is guarded by the Prefect tag concurrency limit of its tag (`gpu-<i>`, stored
-by Prefect as the global limit `tag:gpu-<i>`, one slot). Slots are taken with a lease
-through the client's lease API, all of a run's GPUs in one atomic request that either
-takes them all or answers 423 (taken), so choosing "whatever is free now" never races.
-The task returns the lease and `hold_gpus` keeps it renewed until the GPU phase ends.
-(`prefect.concurrency.sync.concurrency()` cannot span tasks: a task run releases every
-lease taken inside it when it ends.)
+A run's GPUs are one-slot tag concurrency limits taken with a lease (tasks/leases.py), in the
+arrival order of the host's waiting runs (tasks/gpu_queue.py). The task returns the lease and
+`hold_gpus` keeps it renewed until the GPU phase ends. (`prefect.concurrency.sync.concurrency()`
+cannot span tasks: a task run releases every lease taken inside it when it ends.)
 
-A run whose GPUs are busy polls, and says in its logs and in its flow run's state
-message which GPUs it waits for.
+A waiting run polls, says in its logs and in its flow run's state message which GPUs it waits
+for and its place in line, and stops waiting when its run is being cancelled. The state message
+is never forced onto the run, so a run being cancelled stays cancelled.
 
-A holder that dies loses its slots when the lease expires on a real Prefect server. The
-embedded (ephemeral) server runs no lease expiry, so a killed process would keep its slots
-forever; there, every holder also keeps a shared `flock` on a per-tag file beside the
-database, and a slot whose file nobody holds is stale and is given back.
+A lease the server forgets (expired while the holder could not reach it, or the server restarted)
+is taken again at once if its GPUs are still free; otherwise the run has lost them:
+`gpu_lease_lost()` tells the GPU work, which stops at its next check, and the run fails.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -26,28 +22,39 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
 from uuid import UUID
 
 import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
-from prefect.states import Running
+from prefect.states import Cancelled, Running, State
 from pydantic import BaseModel
 
+from tasks.gpu_queue import GpuQueue, Strategy, Turn, ordinal, turn
 from tasks.gpus import GpuInfo, GpuProfile
+from tasks.leases import (
+    GpuLeaseLost,
+    LeaseFiles,
+    lease_gone,
+    limit_name,
+    lock_dir,
+    reap_dead_leases,
+    reconcile_stale_slots,
+    release_lease,
+    take_lease,
+)
 from tasks.runlog import run_logger
 
-Strategy = Literal["auto", "max_speed", "concurrent"]
-
 WAIT_LOG_SECONDS = 30.0  # how often a waiting run repeats that it is waiting
+RENEW_FRACTION = 1 / 3  # renew once this share of the lease has passed: two renewals may fail before it ends
 
 
 class Allocation(BaseModel):
@@ -59,29 +66,14 @@ class Allocation(BaseModel):
     lease_seconds: float = 60.0
     device: str = "cpu"  # where the engine runs
     waited_s: float = 0.0
+    # Wall-clock seconds (time.time()) when the slots were taken and given back: the hold that metadata.json
+    # records, so that runs of several processes can be checked for two holders of one GPU.
+    acquired_unix: float | None = None
+    released_unix: float | None = None
 
     @property
     def gpu_ids(self) -> list[int]:
         return [g.index for g in self.gpus]
-
-
-def limit_name(tag: str) -> str:
-    """The global concurrency limit Prefect keeps for a tag concurrency limit."""
-    return f"tag:{tag}"
-
-
-def choose_gpus(strategy: Strategy, candidates: list[int], free: list[int], gpus_per_job: int | None = None,
-                heads: int | None = None) -> list[int]:
-    """The GPUs to take now from `free` (a subset of `candidates`), or [] to keep waiting."""
-    if strategy == "max_speed":
-        return list(candidates) if set(candidates) <= set(free) else []
-    if strategy == "concurrent":
-        wanted = gpus_per_job or 1
-        return free[:wanted] if len(free) >= wanted else []
-    usable = len(free)
-    while heads and usable > 1 and heads % usable:
-        usable -= 1  # Ulysses splits the attention heads evenly over the GPUs
-    return free[:usable]
 
 
 def num_heads(checkpoint: str) -> int | None:
@@ -113,11 +105,6 @@ def embedded_server() -> bool:
     return get_current_settings().api.url is None
 
 
-def lock_dir() -> Path:
-    """Per-tag lock files for the embedded server, beside its database in PREFECT_HOME."""
-    return get_current_settings().home / "wanflow-gpu-locks"
-
-
 def ensure_limits(client: SyncPrefectClient, tags: list[str]) -> None:
     """Create the one-slot limit of every tag that has none yet."""
     for tag in tags:
@@ -134,211 +121,257 @@ def free_tags(client: SyncPrefectClient, tags: list[str]) -> list[str]:
     return [t for t, limit in zip(tags, limits, strict=True) if limit.active_slots < limit.limit]
 
 
-def try_acquire(client: SyncPrefectClient, tags: list[str], lease_seconds: float,
-                holder: ConcurrencyLeaseHolder | None = None) -> UUID | None:
-    """Take one slot of every tag at once, or nothing (None) when any of them is taken."""
-    try:
-        response = client.increment_concurrency_slots_with_lease(
-            [limit_name(t) for t in tags], 1, "concurrency", lease_seconds, holder
-        )
-    except httpx.HTTPStatusError as exc:
-        if exc.response.status_code == 423:
-            return None
-        raise
-    body = response.json()
-    lease_id = UUID(body["lease_id"])
-    if len(body["limits"]) != len(tags):
-        client.release_concurrency_slots_with_lease(lease_id)
-        raise RuntimeError(f"concurrency limits missing for some of {tags}; they must exist before acquiring")
-    return lease_id
-
-
-def reconcile_stale_slots(client: SyncPrefectClient, tags: list[str], directory: Path) -> list[str]:
-    """Give back slots held by processes that died (embedded server only); returns their tags.
-
-    Live holders and acquirers keep a shared lock on the tag's file from before they ask for
-    the slot until after they release it, so an exclusive lock that succeeds proves that
-    every holder counted in `active_slots` is dead.
-    """
-    reclaimed = []
-    for tag in tags:
-        fd = _open_lock(directory, tag)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live process holds or is taking this slot
-        else:
-            if client.read_global_concurrency_limit_by_name(limit_name(tag)).active_slots > 0:
-                client.update_global_concurrency_limit(
-                    limit_name(tag), GlobalConcurrencyLimitUpdate(active_slots=0)
-                )
-                reclaimed.append(tag)
-        finally:
-            os.close(fd)  # also drops the flock
-    return reclaimed
-
-
-def _open_lock(directory: Path, tag: str) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
-    return os.open(directory / f"{tag}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-
-
-def _share_locks(directory: Path, tags: list[str]) -> list[int]:
-    fds = [_open_lock(directory, tag) for tag in tags]
-    for fd in fds:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    return fds
-
-
-# Shared lock descriptors of the leases this process holds (embedded server only).
-_LEASE_LOCKS: dict[UUID, list[int]] = {}
+class AllocationCancelled(Exception):
+    """The run was cancelled while it waited for its GPUs."""
 
 
 def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strategy, tag_base: str,
                  gpu_ids: list[int] | None = None, gpus_per_job: int | None = None, heads: int | None = None,
                  poll_seconds: float = 2.0, lease_seconds: float = 60.0,
                  holder: ConcurrencyLeaseHolder | None = None,
-                 on_wait: Callable[[str], None] | None = None) -> Allocation:
-    """Wait until the strategy's GPUs are free, take them and return the allocation.
+                 on_wait: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> Allocation:
+    """Wait for this run's turn at the strategy's GPUs, take them and return the allocation.
 
-    `on_wait(message)` is called when the run starts waiting and every WAIT_LOG_SECONDS after.
+    `on_wait(message)` is called when the run starts waiting, when its place in line changes and
+    every WAIT_LOG_SECONDS; `cancelled()` is asked at every poll and raises AllocationCancelled when true.
     """
     by_index = {g.index: g for g in profile.gpus}
     candidates = [i for i in (gpu_ids or by_index) if i in by_index]
     if not candidates:
         return Allocation(lease_seconds=lease_seconds)
-    tag_of = {i: f"{tag_base}-{i}" for i in candidates}
+    index_of = {f"{tag_base}-{i}": i for i in candidates}
+    tags = list(index_of)
     needed = len(candidates) if strategy == "max_speed" else (gpus_per_job or 1) if strategy == "concurrent" else 1
     if needed > len(candidates):
         raise ValueError(f"gpus_per_job={gpus_per_job} but only {len(candidates)} GPU(s) are selected")
-    ensure_limits(client, list(tag_of.values()))
-    embedded, started, last_said = embedded_server(), time.monotonic(), None
-    while True:
-        free = free_tags(client, list(tag_of.values()))
-        if embedded and len(free) < len(tag_of):
-            busy = [t for t in tag_of.values() if t not in free]
-            for tag in reconcile_stale_slots(client, busy, lock_dir()):
-                run_logger().warning("%s was held by a process that died: slot given back", tag)
-                free.append(tag)
-        pick = choose_gpus(strategy, candidates, [i for i in candidates if tag_of[i] in free], gpus_per_job, heads)
-        if pick:
-            tags = [tag_of[i] for i in pick]
-            fds = _share_locks(lock_dir(), tags) if embedded else []
-            lease_id = try_acquire(client, tags, lease_seconds, holder)
-            if lease_id is not None:
-                _LEASE_LOCKS[lease_id] = fds
-                return Allocation(gpus=[by_index[i] for i in pick], tags=tags, lease_id=lease_id,
-                                  lease_seconds=lease_seconds, device=by_index[pick[0]].device,
-                                  waited_s=time.monotonic() - started)
-            for fd in fds:
-                os.close(fd)
-            continue  # another run took one of them first: look again at once
-        if on_wait and (last_said is None or time.monotonic() - last_said >= WAIT_LOG_SECONDS):
-            on_wait(_wait_message(strategy, [tag_of[i] for i in candidates], needed))
-            last_said = time.monotonic()
-        time.sleep(poll_seconds * random.uniform(0.75, 1.25))  # jitter: waiters do not poll in step
+    ensure_limits(client, tags)
+    embedded, started, said, said_at = embedded_server(), time.monotonic(), None, 0.0
+    queue = GpuQueue(lock_dir() / "queue")
+    with queue.waiting(strategy, tags, gpus_per_job, heads, str(holder.id) if holder else None) as ticket:
+        while True:
+            if cancelled is not None and cancelled():
+                raise AllocationCancelled(f"cancelled while waiting for {_describe(tag_base, candidates)}")
+            tickets = queue.tickets()
+            # An older run's pick depends on its other GPUs too, so read every GPU a rival waits for.
+            watched = sorted({t for k in tickets if set(k.candidates) & set(tags) for t in k.candidates} | set(tags))
+            free = free_tags(client, watched)
+            if len(free) < len(watched):
+                free += _free_dead_holders(client, [t for t in watched if t not in free], embedded)
+            now = turn(tickets, ticket, free)
+            if now.pick:
+                taken = take_lease(client, now.pick, lease_seconds, embedded, holder)
+                if taken is None:
+                    continue  # another run took one of them first: look again at once
+                lease_id, files = taken
+                _FILES[lease_id] = files
+                gpus = [by_index[index_of[t]] for t in now.pick]
+                return Allocation(gpus=gpus, tags=now.pick, lease_id=lease_id, lease_seconds=lease_seconds,
+                                  device=gpus[0].device, waited_s=time.monotonic() - started,
+                                  acquired_unix=time.time())
+            message = _wait_message(strategy, tag_base, candidates, needed, now)
+            if on_wait and (message != said or time.monotonic() - said_at >= WAIT_LOG_SECONDS):
+                on_wait(message)
+                said, said_at = message, time.monotonic()
+            time.sleep(poll_seconds * random.uniform(0.75, 1.25))  # jitter: waiters do not poll in step
 
 
-def _wait_message(strategy: Strategy, tags: list[str], needed: int) -> str:
-    if strategy == "max_speed":
-        return f"waiting for GPUs {', '.join(tags)} (max_speed takes all of them), held by other runs"
-    if strategy == "auto" or needed == 1:
-        return f"waiting for the first free GPU of {', '.join(tags)}, all held by other runs"
-    return f"waiting for {needed} free GPUs of {', '.join(tags)}, held by other runs"
+def _free_dead_holders(client: SyncPrefectClient, busy: list[str], embedded: bool) -> list[str]:
+    """Give back the slots among `busy` whose holders died; returns their tags."""
+    if embedded:
+        freed = reconcile_stale_slots(client, busy, lock_dir())
+        for tag in freed:
+            run_logger().warning("%s was held by a process that died: slot given back", tag)
+        return freed
+    freed = []
+    for reaped in reap_dead_leases(client):
+        run_logger().warning("%s held by run %s whose process died: lease released", ", ".join(reaped.tags),
+                             reaped.flow_run_id)
+        freed += [t for t in reaped.tags if t in busy]
+    return freed
 
 
-def release_gpus(allocation: Allocation) -> None:
-    """Give the allocation's slots back (idempotent)."""
+def _describe(tag_base: str, indices: list[int]) -> str:
+    """`gpu-0..gpu-3` for three or more consecutive GPUs, else their tags."""
+    if len(indices) >= 3 and indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{tag_base}-{indices[0]}..{tag_base}-{indices[-1]}"
+    return ", ".join(f"{tag_base}-{i}" for i in indices)
+
+
+def _wait_message(strategy: Strategy, tag_base: str, candidates: list[int], needed: int, now: Turn) -> str:
+    wanted = "the first free GPU" if strategy == "auto" else f"{needed} GPU{'s' if needed > 1 else ''}"
+    return (f"waiting for {wanted} of {_describe(tag_base, candidates)} ({strategy}), "
+            f"{ordinal(now.place)} in line of {now.waiting}")
+
+
+# What the leases this process holds keep locked until after their release (see tasks/leases.py).
+_FILES: dict[UUID, LeaseFiles] = {}
+
+
+def release_gpus(allocation: Allocation) -> bool:
+    """Give the allocation's slots back; False when the server no longer held them (nothing to give back)."""
     if allocation.lease_id is None:
-        return
+        return False
     try:
         with get_client(sync_client=True) as client:
-            client.release_concurrency_slots_with_lease(allocation.lease_id)
+            return release_lease(client, allocation.lease_id)
     finally:
-        for fd in _LEASE_LOCKS.pop(allocation.lease_id, []):
-            os.close(fd)  # only after the release: see reconcile_stale_slots
+        files = _FILES.pop(allocation.lease_id, None)
+        if files is not None:
+            files.close()  # only after the release: see tasks/leases.py
+
+
+_HELD: ContextVar[_LeaseKeeper | None] = ContextVar("wanflow_held_lease", default=None)
+
+
+def gpu_lease_lost() -> str | None:
+    """Why the GPUs held around this code (by `hold_gpus`) were lost, None while they are held."""
+    keeper = _HELD.get()
+    return keeper.lost if keeper else None
 
 
 @contextmanager
 def hold_gpus(allocation: Allocation) -> Iterator[Allocation]:
-    """Keep the allocation's lease alive while the block runs; release it however the block ends."""
+    """Keep the allocation's lease alive while the block runs; release it however the block ends.
+
+    Raises GpuLeaseLost after a block that completed while its GPUs were lost.
+    """
     if allocation.lease_id is None:
         yield allocation
         return
-    stop = threading.Event()
-    renewer = threading.Thread(target=_renew_lease, args=(allocation, stop), daemon=True,
-                               name=f"wanflow-lease-{allocation.lease_id}")
-    renewer.start()
+    keeper = _LeaseKeeper(allocation)
+    keeper.start()
+    token = _HELD.set(keeper)
     try:
         yield allocation
     finally:
-        stop.set()
-        renewer.join(timeout=5)
+        _HELD.reset(token)
+        keeper.halt.set()
+        keeper.join(timeout=10)
+        tags = ", ".join(allocation.tags)
+        allocation.released_unix = time.time()  # before the release: the recorded hold lies within the real one
         try:
-            release_gpus(allocation)
-            run_logger().info("released %s", ", ".join(allocation.tags))
+            if release_gpus(allocation):
+                keeper.logger.info("released %s", tags)
+            elif not keeper.lost:
+                keeper.logger.warning("%s: the server no longer held this run's lease; nothing to release", tags)
         except Exception as exc:  # never hide the run's own outcome behind this
-            run_logger().warning("could not release %s (%s): the server frees them when the %g s lease ends",
-                                 ", ".join(allocation.tags), exc, allocation.lease_seconds)
+            keeper.logger.warning("could not release %s (%s): the server frees them when the %g s lease ends",
+                                  tags, exc, allocation.lease_seconds)
+    if keeper.lost:
+        raise GpuLeaseLost(keeper.lost)
 
 
-def _renew_lease(allocation: Allocation, stop: threading.Event) -> None:
-    with get_client(sync_client=True) as client:
-        while not stop.wait(allocation.lease_seconds / 3):
-            try:
-                client.renew_concurrency_lease(allocation.lease_id, allocation.lease_seconds)
-            except Exception as exc:  # a missed renewal is retried; the lease has slack for two more
-                run_logger().warning("renewing the GPU lease failed (%s); retrying", exc)
+class _LeaseKeeper(threading.Thread):
+    """Renews the allocation's lease; takes its GPUs again under a new lease when the server forgot it."""
+
+    def __init__(self, allocation: Allocation):
+        super().__init__(daemon=True, name=f"wanflow-lease-{allocation.lease_id}")
+        self.allocation = allocation
+        self.halt = threading.Event()
+        self.lost: str | None = None
+        self.logger = run_logger()  # the run's logger, so that this thread's lines reach the run's log
+        run = FlowRunContext.get()
+        self.holder = ConcurrencyLeaseHolder(type="flow_run", id=run.flow_run.id) if run else None
+
+    def run(self) -> None:
+        with get_client(sync_client=True) as client:
+            while not self.lost and not self.halt.wait(self.allocation.lease_seconds * RENEW_FRACTION):
+                try:
+                    client.renew_concurrency_lease(self.allocation.lease_id, self.allocation.lease_seconds)
+                except Exception as exc:
+                    if lease_gone(exc):
+                        self._take_again(client, exc)
+                    else:  # the lease has slack for two more tries
+                        self.logger.warning("renewing the GPU lease failed (%s); retrying", exc)
+
+    def _take_again(self, client: SyncPrefectClient, gone: httpx.HTTPStatusError) -> None:
+        allocation, tags = self.allocation, ", ".join(self.allocation.tags)
+        why = f"the server no longer held this run's lease on {tags} (it answered {gone.response.status_code})"
+        try:
+            taken = take_lease(client, allocation.tags, allocation.lease_seconds, embedded_server(), self.holder)
+            failure = "another run holds some of them now"
+        except Exception as exc:
+            taken, failure = None, f"taking them again failed: {exc}"
+        old = _FILES.pop(allocation.lease_id, None)
+        if taken is not None:
+            allocation.lease_id, files = taken
+            _FILES[allocation.lease_id] = files
+            self.logger.warning("%s; took them again under a new lease", why)
+        else:
+            self.lost = f"lost GPU {tags}: {why}, and {failure}"
+            self.logger.error("%s; the GPU work stops", self.lost)
+        if old is not None:
+            old.close()
 
 
-def _say_waiting(message: str) -> None:
-    """Log a wait and make it the flow run's state message (what the UI lists for the run)."""
-    get_run_logger().info("%s", message)
-    _set_flow_run_message(message)
+def _cancelling(client: SyncPrefectClient, flow_run_id: UUID) -> bool:
+    state = client.read_flow_run(flow_run_id).state
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
 
 
-def _set_flow_run_message(message: str) -> None:
-    # Only the flow run: task runs reach the server through events, so this task's own run
-    # may not exist there yet. A message is informative, so failing to set it is not fatal.
-    flow_run = FlowRunContext.get()
-    if flow_run is None:
-        return
+def _set_flow_run_message(flow_run_id: UUID | None, message: str) -> bool:
+    """Make `message` the run's state message; False when the run is no longer Running (left as it is).
+
+    Only the flow run: task runs reach the server through events, so this task's own run may not
+    exist there yet. Never forced: a run being cancelled must stay so. A message is informative,
+    so failing to set it is not fatal.
+    """
+    if flow_run_id is None:
+        return False
     try:
         with get_client(sync_client=True) as client:
-            client.set_flow_run_state(flow_run.flow_run.id, Running(message=message), force=True)
+            result = client.set_flow_run_state(flow_run_id, Running(message=message))
     except Exception as exc:
         run_logger().warning("could not set the run's state message: %s", exc)
+        return False
+    return result.status == SetStateStatus.ACCEPT
 
 
 @task(name="allocate-gpus", retries=0, cache_policy=NO_CACHE)
 def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_ids: list[int] | None = None,
                   gpus_per_job: int | None = None, checkpoint: str | None = None, poll_seconds: float = 2.0,
-                  lease_seconds: float = 60.0) -> Allocation:
-    """Take this run's GPUs by `strategy`, waiting while they are busy; none on a host without GPUs."""
+                  lease_seconds: float = 60.0) -> Allocation | State:
+    """Take this run's GPUs by `strategy`, waiting for its turn; none on a host without GPUs.
+
+    Returns a Cancelled state, holding nothing, when the run is cancelled before it has its GPUs.
+    """
     logger = get_run_logger()
     flow_run = FlowRunContext.get()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.flow_run.id) if flow_run else None
+    flow_run_id = flow_run.flow_run.id if flow_run else None
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id) if flow_run_id else None
     heads = num_heads(checkpoint) if checkpoint else None
     said: list[str] = []
 
     def say_waiting(message: str) -> None:
         said.append(message)
-        _say_waiting(message)
+        logger.info("%s", message)
+        _set_flow_run_message(flow_run_id, message)
 
     with get_client(sync_client=True) as client:
-        allocation = acquire_gpus(client, profile, strategy, tag_base, gpu_ids, gpus_per_job, heads,
-                                  poll_seconds, lease_seconds, holder, on_wait=say_waiting)
-    if not allocation.gpus:
-        logger.info("no GPU on this host: the engine runs on the CPU")
-        return allocation
-    try:
-        logger.info("strategy %s: holding %s after waiting %.1f s", strategy, ", ".join(allocation.tags),
-                    allocation.waited_s)
-        if said:
-            _set_flow_run_message(f"running on {', '.join(allocation.tags)}")
-        if not profile.simulated:
-            apply_gpu_environment(gpu_environment(allocation.gpus, profile))
-    except BaseException:
-        release_gpus(allocation)
-        raise
+        cancelled = (lambda: _cancelling(client, flow_run_id)) if flow_run_id else None
+        try:
+            allocation = acquire_gpus(client, profile, strategy, tag_base, gpu_ids, gpus_per_job, heads,
+                                      poll_seconds, lease_seconds, holder, on_wait=say_waiting, cancelled=cancelled)
+        except AllocationCancelled as exc:
+            logger.info("%s: no GPU taken", exc)
+            return Cancelled(message=f"{exc}: no GPU taken")
+        if not allocation.gpus:
+            logger.info("no GPU on this host: the engine runs on the CPU")
+            return allocation
+        try:
+            logger.info("strategy %s: holding %s after waiting %.1f s", strategy, ", ".join(allocation.tags),
+                        allocation.waited_s)
+            if said:
+                _set_flow_run_message(flow_run_id, f"running on {', '.join(allocation.tags)}")
+            if cancelled is not None and cancelled():  # a cancel that landed while the slots were taken
+                release_gpus(allocation)
+                message = f"cancelled before its GPU work: {', '.join(allocation.tags)} given back"
+                logger.info("%s", message)
+                return Cancelled(message=message)
+            if not profile.simulated:
+                apply_gpu_environment(gpu_environment(allocation.gpus, profile))
+        except BaseException:
+            release_gpus(allocation)
+            raise
     return allocation

@@ -6,8 +6,9 @@ and skipped block stacks is fixed before sampling; the task reports it with what
 did, per step and per cond/uncond branch.
 
 Stops between steps when the flow run is being cancelled (checked at most every
-CANCEL_CHECK_SECONDS), and turns a CUDA out-of-memory error into next steps. On a GPU it also reads the
-card's energy over the sampling (NVML), which the published metadata reports.
+CANCEL_CHECK_SECONDS), fails there when the run's GPU lease is lost, and turns a CUDA out-of-memory
+error into next steps. On a GPU it also reads the card's energy over the sampling (NVML), which the
+published metadata reports.
 Listeners registered with `listen_to_steps` (the CLI's progress bar) see every step too.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from prefect import get_run_logger, task
@@ -28,6 +29,8 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 import wan_engine
+from tasks.allocate import gpu_lease_lost
+from tasks.leases import GpuLeaseLost
 from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice
 from tasks.power import PowerMeter, PowerReading
 
@@ -61,6 +64,7 @@ class Denoised:
     step_cache: dict | None = None                # the skip schedule and the calls made (None: no step cache)
     block_stack: list[str] = field(default_factory=list)  # per step: "computed", "reused" or per branch
     energy: dict | None = None                    # energy_record(): the card's energy while denoising
+    prompt_tokens: dict = field(default_factory=dict)  # per prompt: tokens, kept, truncated (the encoder's limit)
 
     @property
     def model_calls(self) -> dict[str, int]:
@@ -139,7 +143,8 @@ class _Progress:
 
 
 class _CancelWatch:
-    """True once the flow run is cancelling; asks the server at most every CANCEL_CHECK_SECONDS."""
+    """True once the flow run is cancelling (the server is asked at most every CANCEL_CHECK_SECONDS) or its GPUs
+    are lost (tasks/allocate.py `gpu_lease_lost`)."""
 
     def __init__(self):
         run = FlowRunContext.get()
@@ -147,6 +152,8 @@ class _CancelWatch:
         self.last_check = time.monotonic()
 
     def __call__(self) -> bool:
+        if gpu_lease_lost():
+            return True
         if self.flow_run_id is None or time.monotonic() - self.last_check < CANCEL_CHECK_SECONDS:
             return False
         self.last_check = time.monotonic()
@@ -177,7 +184,13 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
                                        solver=solver, seed=seed, decode=False, callback=progress,
                                        should_cancel=_CancelWatch())
         except wan_engine.GenerationCancelled as exc:
+            if gpu_lease_lost():
+                raise GpuLeaseLost(gpu_lease_lost()) from exc
             return Cancelled(message=f"cancelled between denoising steps: {exc}")
+    for name, count in result.prompt_tokens.items():
+        if count.truncated:
+            logger.warning("the %s has %d tokens but the text encoder reads only the first %d: the rest has no "
+                           "effect; shorten it", name.replace("_", " "), count.tokens, count.kept)
     logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
                 ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     cache_record = None
@@ -194,7 +207,8 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
                     experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
-                    block_stack=_block_stack_per_step(computed, steps), energy=energy_record(meter.reading))
+                    block_stack=_block_stack_per_step(computed, steps), energy=energy_record(meter.reading),
+                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()})
 
 
 def energy_record(reading: PowerReading | None) -> dict | None:

@@ -1,12 +1,12 @@
 """The `encode` task: VAE-decode the latents, then write an H.264 MP4 with imageio-ffmpeg.
 
-The MP4 is yuv420p (plays everywhere) at the task's frame rate, written to a temporary
-file that `publish` moves into the outputs folder.
+The MP4 is yuv420p (plays everywhere) at the task's frame rate, written straight into a staging
+folder under the outputs folder (tasks/staging.py), which `publish` renames into place: a run
+killed while encoding leaves its file only where the next publish sweeps it.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.pipelines import get_pipeline, out_of_memory_as_advice
+from tasks.staging import new_staging_folder
 
 CRF = 18  # visually lossless for generated video; the default 23 blurs fine texture
 
@@ -26,7 +27,7 @@ CRF = 18  # visually lossless for generated video; the default 23 blurs fine tex
 class EncodedVideo:
     """An MP4 waiting to be published."""
 
-    path: Path
+    path: Path  # <outputs>/.staging/<folder>/video.mp4
     frames: int
     width: int
     height: int
@@ -54,22 +55,28 @@ def write_mp4(frames: np.ndarray | torch.Tensor, path: Path, fps: int) -> None:
     writer.close()
 
 
+def write_staged_mp4(frames: np.ndarray | torch.Tensor, outputs_dir: Path, fps: int) -> Path:
+    """Write the frames as `video.mp4` in a new staging folder under `outputs_dir`; returns its path."""
+    folder = new_staging_folder(outputs_dir)
+    path = folder / "video.mp4"  # created by ffmpeg: the usual mode of a new file (mkstemp's would be 0600)
+    try:
+        write_mp4(frames, path, fps)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return path
+
+
 @task(name="encode", retries=0, cache_policy=NO_CACHE)
-def encode(latents: torch.Tensor, checkpoint: str, device: str, fps: int, size: str, gpus: int = 1) -> EncodedVideo:
-    """Decode the latents with the pipeline's VAE and encode the frames as a temporary MP4."""
+def encode(latents: torch.Tensor, checkpoint: str, device: str, fps: int, size: str, outputs_dir: str,
+           gpus: int = 1) -> EncodedVideo:
+    """Decode the latents with the pipeline's VAE and encode the frames as an MP4 staged under `outputs_dir`."""
     logger = get_run_logger()
     start = time.perf_counter()
     with out_of_memory_as_advice(device, 4 * (latents.shape[1] - 1) + 1, size, max(gpus, 1)):
         frames = get_pipeline(checkpoint, device).decode(latents)  # [F, H, W, 3] uint8
     decoded = time.perf_counter()
-    handle, name = tempfile.mkstemp(prefix="wanflow-", suffix=".mp4")
-    os.close(handle)  # ffmpeg writes the file by name
-    path = Path(name)
-    try:
-        write_mp4(frames, path, fps)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+    path = write_staged_mp4(frames, Path(outputs_dir).resolve(), fps)
     written = time.perf_counter()
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s", count, width, height,

@@ -1,9 +1,10 @@
 """The `publish` task: the video and its record into outputs/, then Prefect artifacts about it.
 
 A video lands as `<outputs>/<date>/<slug>-<short id>/` holding `video.mp4` and
-`metadata.json`. Both are written into a staging folder under `<outputs>/.staging/` and
-the folder is renamed into place (atomic on one filesystem), so a reader never sees half
-a result; staging folders of processes that died are swept on the next publish.
+`metadata.json`. Both are written into the run's staging folder under `<outputs>/.staging/`
+(the encode task put the MP4 there) and the folder is renamed into place (atomic on one
+filesystem), so a reader never sees half a result; staging folders of this host's processes
+that died are swept on the next publish (tasks/staging.py).
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from prefect.context import FlowRunContext
 from tasks.allocate import Allocation
 from tasks.denoise import Denoised
 from tasks.encode import EncodedVideo
+from tasks.markdown import code, literal
+from tasks.staging import STAGING, sweep_dead_staging
 from tasks.warmup import WarmUp
-
-STAGING = ".staging"
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,14 @@ def versions() -> dict[str, str]:
 
 
 def publish_files(video_path: Path, record: dict, outputs_dir: Path, name: str, day: dt.date) -> Path:
-    """Move the MP4 and write metadata.json into `<outputs_dir>/<day>/<name>/` atomically."""
-    staging_root = outputs_dir / STAGING
-    _sweep_dead_staging(staging_root)
-    staging = staging_root / f"{name}.{os.getpid()}"
+    """Write metadata.json beside the staged MP4 and rename its staging folder to `<outputs_dir>/<day>/<name>/`."""
+    staging = video_path.parent
+    if staging.parent != outputs_dir / STAGING or video_path.name != "video.mp4":
+        raise ValueError(f"{video_path} is not a video.mp4 staged under {outputs_dir / STAGING}: "
+                         "encode and publish must be given the same outputs folder")
+    sweep_dead_staging(outputs_dir)
     final = outputs_dir / day.isoformat() / name
-    staging.mkdir(parents=True)
     try:
-        shutil.move(video_path, staging / "video.mp4")
         with open(staging / "metadata.json", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, ensure_ascii=False)
             f.flush()
@@ -80,25 +81,6 @@ def publish_files(video_path: Path, record: dict, outputs_dir: Path, name: str, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
-
-
-def _sweep_dead_staging(staging_root: Path) -> None:
-    if not staging_root.is_dir():
-        return
-    for entry in staging_root.iterdir():
-        pid = entry.suffix.lstrip(".")
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
@@ -120,12 +102,14 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
         "compile": warm.record() if warm is not None else None,
         "step_cache": denoised.step_cache,
         "model_calls": denoised.model_calls,
+        "prompt_tokens": denoised.prompt_tokens,
         "video": {"file": "video.mp4", "frames": video.frames, "width": video.width, "height": video.height,
                   "fps": video.fps, "seconds": round((video.frames - 1) / video.fps, 3), "codec": "h264/yuv420p"},
         "gpus": [{"index": g.index, "name": g.name, "tag": tag, "total_gb": round(g.total_bytes / 1e9, 1)}
                  for g, tag in zip(allocation.gpus, allocation.tags, strict=True)],
         "device": allocation.device,
         "gpu_wait_s": round(allocation.waited_s, 3),
+        "gpu_hold": {"acquired_unix": allocation.acquired_unix, "released_unix": allocation.released_unix},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "energy": denoised.energy,
         "step_seconds": [round(s, 4) for s in denoised.step_seconds],
@@ -153,25 +137,33 @@ def publish(request: dict, denoised: Denoised, video: EncodedVideo, allocation: 
 
 
 def _describe(published: Published, record: dict) -> None:
-    request, video = record["request"], record["video"]
-    gpus = ", ".join(f"{g['tag']} ({g['name']})" for g in record["gpus"]) or record["device"]
-    markdown = "\n".join([
-        f"# {request['task']}: {request['prompt'][:80]}",
-        "",
-        f"- video: `{published.video}`",
-        f"- {video['frames']} frames, {video['width']}x{video['height']}, {video['fps']} fps ({video['seconds']} s)",
-        f"- seed {record['seed']}, {request['steps']} steps, solver {request['solver']}, tier {record['tier']}",
-        f"- ran on {gpus}",
-        *_tier_lines(record),
-        f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
-        *_energy_lines(record),
-    ])
-    create_markdown_artifact(markdown, key="generated-video", description="The published video")
+    create_markdown_artifact(describe_markdown(published, record), key="generated-video",
+                             description="The published video")
     rows = [{"phase": k, "seconds": v, "block stack": ""} for k, v in record["timings_s"].items()]
     rows += [{"phase": f"step {i + 1}", "seconds": s, "block stack": what}
              for i, (s, what) in enumerate(zip(record["step_seconds"], record["block_stack_per_step"], strict=True))]
     create_table_artifact(rows, key="generation-timings", description="Seconds per phase and per denoising step")
     create_link_artifact(published.video.as_uri(), link_text="video.mp4", key="video-file")
+
+
+def describe_markdown(published: Published, record: dict) -> str:
+    """The run's markdown artifact: what was generated, where it went, how and how fast. Every value that
+    someone typed (prompt, paths, GPU names) is escaped so that it shows as text (tasks/markdown.py)."""
+    request, video = record["request"], record["video"]
+    gpus = ", ".join(f"{g['tag']} ({g['name']})" for g in record["gpus"]) or record["device"]
+    return "\n".join([
+        f"# {literal(request['task'])}: {literal(request['prompt'][:80])}",
+        "",
+        f"- video: {code(str(published.video))}",
+        f"- {video['frames']} frames, {video['width']}x{video['height']}, {video['fps']} fps ({video['seconds']} s)",
+        f"- seed {record['seed']}, {request['steps']} steps, solver {literal(request['solver'])}, "
+        f"tier {literal(str(record['tier']))}",
+        f"- ran on {literal(gpus)}",
+        *_prompt_lines(record),
+        *_tier_lines(record),
+        f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
+        *_energy_lines(record),
+    ])
 
 
 def _energy_lines(record: dict) -> list[str]:
@@ -182,21 +174,28 @@ def _energy_lines(record: dict) -> list[str]:
             f"SM clock {energy['mean_sm_mhz']:,} MHz, {energy['power_capped']:.0%} of the time at its power limit)"]
 
 
+def _prompt_lines(record: dict) -> list[str]:
+    """A line for each prompt that the text encoder's token limit cut."""
+    return [f"- the {name.replace('_', ' ')} was cut to its first {count['kept']} of {count['tokens']} tokens "
+            "(the text encoder's limit): the rest had no effect"
+            for name, count in record["prompt_tokens"].items() if count["truncated"]]
+
+
 def _tier_lines(record: dict) -> list[str]:
     """The markdown lines on the tier: its patches, the compile warm-up, the model calls computed."""
-    applied = [p["name"] for p in record["patches"] if p["on"]]
-    off = [f"{p['name']} ({p['detail']})" for p in record["patches"] if not p["on"]]
-    lines = [f"- tier {record['tier']}: {', '.join(applied) or 'no patches'}"
+    applied = [literal(p["name"]) for p in record["patches"] if p["on"]]
+    off = [f"{literal(p['name'])} ({literal(p['detail'])})" for p in record["patches"] if not p["on"]]
+    lines = [f"- tier {literal(str(record['tier']))}: {', '.join(applied) or 'no patches'}"
              + (f"; off: {'; '.join(off)}" if off else "")]
     if record["compile"] is not None:
         warm = record["compile"]
-        lines.append(f"- compile warm-up {warm['seconds']:.1f} s: {warm['detail']}" if warm["compiled"]
-                     else f"- no compile warm-up: {warm['detail']}")
+        lines.append(f"- compile warm-up {warm['seconds']:.1f} s: {literal(warm['detail'])}" if warm["compiled"]
+                     else f"- no compile warm-up: {literal(warm['detail'])}")
     calls, cache = record["model_calls"], record["step_cache"]
     if cache is None:
         lines.append(f"- {calls['computed']}/{calls['total']} model calls computed (no step cache)")
     else:
         skipped = ", ".join(str(i + 1) for i in record["skipped_steps"]) or "none"
-        lines.append(f"- {cache['method']}: {calls['computed']}/{calls['total']} model calls computed, "
+        lines.append(f"- {literal(cache['method'])}: {calls['computed']}/{calls['total']} model calls computed, "
                      f"{calls['skipped']} skipped; steps that reused the cache entirely: {skipped}")
     return lines

@@ -5,10 +5,10 @@
     result.frames  # uint8 [F, H, W, 3]
 """
 from .configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
-from .loading import CheckpointError, load_pipeline
+from .loading import CheckpointError, check_checkpoint, load_pipeline
 from .pipeline import BlockCall, GenerationCancelled, GenerationResult, StepInfo, WanPipeline
 
 __all__ = [
-    "MODEL_SPECS", "TINY_PRESETS", "ModelSpec", "CheckpointError", "load_pipeline", "BlockCall",
+    "MODEL_SPECS", "TINY_PRESETS", "ModelSpec", "CheckpointError", "check_checkpoint", "load_pipeline", "BlockCall",
     "GenerationCancelled", "GenerationResult", "StepInfo", "WanPipeline",
 ]

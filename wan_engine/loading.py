@@ -18,6 +18,7 @@ import math
 import struct
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -196,8 +197,61 @@ def _expert_dirs(root: Path, spec: ModelSpec) -> dict[str, Path]:
     return {name: root / sub for name, sub in zip(names, spec.experts, strict=True)}
 
 
+def _shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(t.shape) for k, t in state_dict.items()}
+
+
 def _param_bytes(shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype) -> int:
     return sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+
+
+@dataclass
+class _Validated:
+    """A checkpoint folder whose every file was checked, and the meta modules built to check it."""
+
+    expert_dirs: dict[str, Path]
+    dit_configs: dict[str, DiTConfig]
+    dits: dict[str, nn.Module]
+    dit_shapes: dict[str, dict[str, tuple[int, ...]]]
+    t5: nn.Module
+    t5_sd: dict[str, torch.Tensor]
+    vae: nn.Module
+    vae_sd: dict[str, torch.Tensor]
+    tokenizer: PromptTokenizer
+
+
+def _validate(root: Path, spec: ModelSpec) -> _Validated:
+    """Existence, completeness, tensor names and shapes of every file, reading no weight."""
+    expert_dirs = _expert_dirs(root, spec)
+    dit_configs = {n: DiTConfig.from_config_json(require_file(d / "config.json", "DiT config"))
+                   for n, d in expert_dirs.items()}
+    dits = {n: build_meta(lambda c=c: WanDiT(c)) for n, c in dit_configs.items()}
+    dit_shapes = {}
+    for n, d in expert_dirs.items():
+        dit_shapes[n] = safetensors_shapes(dit_shards(d))
+        check_shapes(dits[n], dit_shapes[n], d)
+    t5_path, vae_path = root / T5_FILE, root / spec.vae_file
+    t5_sd = load_pth(t5_path, "umT5 encoder")
+    t5 = build_meta(lambda: UMT5Encoder(T5Config.from_state_dict(t5_sd)))
+    check_shapes(t5, _shapes(t5_sd), t5_path)
+    vae_sd = load_pth(vae_path, "VAE")
+    vae = build_meta(lambda: WanVAE21(dim=WanVAE21.dim_from_state_dict(vae_sd)))
+    check_shapes(vae, _shapes(vae_sd), vae_path)
+    try:
+        tokenizer = PromptTokenizer(root / TOKENIZER_DIR)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unusable umT5 tokenizer in {root / TOKENIZER_DIR}: {exc}") from exc
+    return _Validated(expert_dirs, dit_configs, dits, dit_shapes, t5, t5_sd, vae, vae_sd, tokenizer)
+
+
+def check_checkpoint(checkpoint: str | Path) -> ModelSpec:
+    """Validate a checkpoint folder (or preset name) as `load_pipeline` does, reading no weight.
+
+    Returns the spec its config.json declares; raises CheckpointError naming the file and the problem.
+    """
+    root, spec = _resolve(checkpoint)
+    _validate(root, spec)
+    return spec
 
 
 def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
@@ -212,42 +266,25 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
     root, spec = _resolve(checkpoint)
 
     # 1. validate everything (existence, completeness, tensor names and shapes) up front
-    expert_dirs = _expert_dirs(root, spec)
-    dit_configs = {n: DiTConfig.from_config_json(require_file(d / "config.json", "DiT config"))
-                   for n, d in expert_dirs.items()}
-    dits = {n: build_meta(lambda c=c: WanDiT(c)) for n, c in dit_configs.items()}
-    dit_shapes = {}
-    for n, d in expert_dirs.items():
-        dit_shapes[n] = safetensors_shapes(dit_shards(d))
-        check_shapes(dits[n], dit_shapes[n], d)
-    t5_path, vae_path = root / T5_FILE, root / spec.vae_file
-    t5_sd = load_pth(t5_path, "umT5 encoder")
-    t5_shapes = {k: tuple(v.shape) for k, v in t5_sd.items()}
-    t5 = build_meta(lambda: UMT5Encoder(T5Config.from_state_dict(t5_sd)))
-    check_shapes(t5, t5_shapes, t5_path)
-    vae_sd = load_pth(vae_path, "VAE")
-    vae_shapes = {k: tuple(v.shape) for k, v in vae_sd.items()}
-    vae = build_meta(lambda: WanVAE21(dim=WanVAE21.dim_from_state_dict(vae_sd)))
-    check_shapes(vae, vae_shapes, vae_path)
-    tokenizer = PromptTokenizer(root / TOKENIZER_DIR)
+    v = _validate(root, spec)
 
     # 2. decide where weights live, from free device memory
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    expert_bytes = max(_param_bytes(s, dtype) for s in dit_shapes.values())
-    cfg = next(iter(dit_configs.values()))
+    expert_bytes = max(_param_bytes(s, dtype) for s in v.dit_shapes.values())
+    cfg = next(iter(v.dit_configs.values()))
     largest = max(w * h for w, h in spec.sizes) // 256 * ((spec.frame_num - 1) // 4 + 1)   # tokens
     activations = activation_bytes(cfg, largest) + (4 << 30)   # + slack for the VAE and the allocator
-    memory = plan_memory(free, expert_bytes, len(dits), _param_bytes(t5_shapes, dtype),
-                         _param_bytes(vae_shapes, torch.float32), activations)
+    memory = plan_memory(free, expert_bytes, len(v.dits), _param_bytes(_shapes(v.t5_sd), dtype),
+                         _param_bytes(_shapes(v.vae_sd), torch.float32), activations)
     log.info("loading %s from %s on %s (%s): experts %s, text encoder %s", spec.name, root, device, dtype,
              "resident" if memory.experts_resident else "swapped at the boundary",
              "resident" if memory.text_encoder_resident else "on the CPU between uses")
 
     # 3. read the weights
-    for n, d in expert_dirs.items():
+    for n, d in v.expert_dirs.items():
         target = device if memory.experts_resident else torch.device("cpu")
-        load_dit_weights(dits[n], d, target, dtype)
+        load_dit_weights(v.dits[n], d, target, dtype)
     t5_device = device if memory.text_encoder_resident else torch.device("cpu")
-    assign_weights(t5, t5_sd, t5_device, dtype)
-    assign_weights(vae, vae_sd, device, torch.float32)
-    return WanPipeline(spec, dits, t5, tokenizer, vae, device, dtype, memory, root)
+    assign_weights(v.t5, v.t5_sd, t5_device, dtype)
+    assign_weights(v.vae, v.vae_sd, device, torch.float32)
+    return WanPipeline(spec, v.dits, v.t5, v.tokenizer, v.vae, device, dtype, memory, root)

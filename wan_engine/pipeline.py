@@ -30,7 +30,7 @@ from torch import nn
 from .configs import DEFAULT_NEGATIVE_PROMPT, ModelSpec
 from .samplers import make_solver
 from .t5 import UMT5Encoder, encode_prompts
-from .text import PromptTokenizer
+from .text import PromptTokenizer, TokenCount
 from .vae import WanVAE21
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ class GenerationResult:
     timings: dict[str, float] = field(default_factory=dict)   # phase -> seconds
     step_seconds: list[float] = field(default_factory=list)
     experts_per_step: list[str] = field(default_factory=list)
+    # "prompt" and "negative_prompt": their tokens, and whether the text encoder's limit cut them
+    prompt_tokens: dict[str, TokenCount] = field(default_factory=dict)
 
 
 def video_to_frames(video: torch.Tensor) -> np.ndarray:
@@ -281,6 +283,8 @@ class WanPipeline:
         timings["conditioning"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        prompt_tokens = dict(zip(("prompt", "negative_prompt"), self.tokenizer.count([prompt, negative_prompt]),
+                                 strict=True))
         context = self.encode_text([prompt, negative_prompt]).to(self.dtype)   # [2, L, 4096]
         contexts = {"cond": context[:1], "uncond": context[1:]}
         self._sync()
@@ -327,7 +331,7 @@ class WanPipeline:
             settings=dict(task=spec.name, size=[w, h], frame_num=frame_num, steps=steps, shift=shift,
                           guide_scale=list(guide_scale), solver=solver, seed=seed,
                           negative_prompt=negative_prompt, cfg_batch=batched),
-            timings=timings, step_seconds=step_seconds, experts_per_step=experts_used)
+            timings=timings, step_seconds=step_seconds, experts_per_step=experts_used, prompt_tokens=prompt_tokens)
         if decode:
             t0 = time.perf_counter()
             result.frames = self.decode(result.latents)

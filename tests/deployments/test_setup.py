@@ -10,9 +10,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import StateType
 from prefect.events.schemas.automations import Posture
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME, Settings, temporary_settings
 
-from deployments.server import ServerError, ensure_server
+from deployments.server import SERVER_ENV, ServerError, ensure_server
 from deployments.setup import (
     CRASH_AUTOMATION,
     PROJECT_DIR,
@@ -27,8 +27,9 @@ from deployments.worker import worker_command, worker_environment
 from flows.batch import load_manifest
 from flows.cli import main
 from flows.settings import get_settings
-from tasks.allocate import limit_name, try_acquire
+from tasks.allocate import limit_name
 from tasks.gpus import read_gpu_profile
+from tasks.leases import try_acquire
 
 
 def test_prefect_yaml_deploys_both_flows_on_one_process_pool():
@@ -82,17 +83,34 @@ def test_work_pool_and_crash_automation_are_created_once(prefect_server):
     assert action.type == "change-flow-run-state" and action.state == StateType.CRASHED
 
 
-def test_setup_refuses_a_configured_server_that_does_not_answer():
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
-        with pytest.raises(ServerError, match="does not answer"):
+def test_setup_refuses_a_configured_server_that_does_not_answer_and_says_how_to_start_it(tmp_path):
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_HOME: tmp_path}):
+        with pytest.raises(ServerError, match="does not answer") as refused:
             ensure_server()
+    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem" in str(
+        refused.value) and "prefect server start --host 127.0.0.1 --port 9" in str(refused.value)
+
+
+def test_setup_refuses_a_server_that_keeps_gpu_leases_in_memory(prefect_server):
+    # the test harness's server runs with Prefect's default lease storage: a restart of it would leak GPUs
+    with pytest.raises(ServerError, match=r"keeps GPU leases in prefect\.server\.concurrency\.lease_storage\.memory"):
+        ensure_server()
+
+
+def test_the_server_settings_setup_uses_are_prefect_settings(monkeypatch):
+    for key, value in SERVER_ENV.items():
+        monkeypatch.setenv(key, value)
+    server = Settings().server
+    assert server.concurrency.lease_storage == "prefect.server.concurrency.lease_storage.filesystem"
+    assert server.services.repossessor.loop_seconds == 5  # expired leases reclaimed every 5 s, not 15
+    assert server.analytics_enabled is False
 
 
 def test_worker_command_runs_this_hosts_worker_on_the_pool(wan_env, monkeypatch, capsys):
     monkeypatch.setenv("WAN_NODE_NAME", "node-b")
     get_settings.cache_clear()
-    assert worker_command(limit=3)[1:] == ["-m", "prefect", "worker", "start", "--pool", "wanflow-gpu", "--type",
-                                           "process", "--name", "wanflow-node-b", "--limit", "3"]
+    assert worker_command(limit=3)[1:] == ["-m", "deployments.prefect_worker", "--pool", "wanflow-gpu",
+                                           "--name", "wanflow-node-b", "--limit", "3"]
     env = worker_environment()
     assert (env["WAN_PROJECT_DIR"], env["PREFECT_WORKER_QUERY_SECONDS"], env["WAN_NODE_NAME"]) == (
         str(PROJECT_DIR), "2", "node-b")

@@ -48,7 +48,7 @@ entries:
 """
 
 
-def test_a_bad_yaml_manifest_is_rejected_whole_with_line_numbers(tmp_path):
+def test_a_bad_yaml_manifest_is_rejected_whole_with_line_numbers(wan_env, tmp_path):
     with pytest.raises(ManifestError) as rejected:
         load_manifest(_write(tmp_path / "m.yaml", BAD_YAML), profile=NO_GPU)
     message = str(rejected.value)
@@ -58,7 +58,7 @@ def test_a_bad_yaml_manifest_is_rejected_whole_with_line_numbers(tmp_path):
     assert "line 7: asks for the same video as line 3" in message
 
 
-def test_jsonl_manifest_takes_a_defaults_line_and_reports_lines(tmp_path):
+def test_jsonl_manifest_takes_a_defaults_line_and_reports_lines(wan_env, tmp_path):
     good = _write(tmp_path / "m.jsonl", '{"defaults": {"task": "tiny", "frame_count": 5}}\n\n'
                                         '{"prompt": "one"}\n{"prompt": "two", "seed": 4}\n')
     entries = load_manifest(good, profile=NO_GPU)
@@ -70,7 +70,7 @@ def test_jsonl_manifest_takes_a_defaults_line_and_reports_lines(tmp_path):
         load_manifest(bad, profile=NO_GPU)
 
 
-def test_defaults_merge_and_seeds_come_from_the_entry_content(tmp_path):
+def test_defaults_merge_and_seeds_come_from_the_entry_content(wan_env, tmp_path):
     path = _write(tmp_path / "m.yaml", "defaults: {frame_count: 5}\nentries:\n  - {prompt: one, steps: 3}\n")
     [entry] = load_manifest(path, defaults={"task": "tiny", "steps": 7}, profile=NO_GPU)
     assert (entry.request.task, entry.request.steps, entry.request.frame_count) == ("tiny", 3, 5)
@@ -78,6 +78,19 @@ def test_defaults_merge_and_seeds_come_from_the_entry_content(tmp_path):
     assert again.request.seed == entry.request.seed is not None  # a re-run makes the same video
     moved = GenerationRequest.for_hardware(NO_GPU, **{**QUICK, "strategy": "concurrent", "gpus_per_job": 1})
     assert entry_key(moved) == entry_key(GenerationRequest.for_hardware(NO_GPU, **QUICK))  # same video anywhere
+
+
+def test_a_manifest_that_is_not_text_or_uses_a_list_as_key_is_reported_not_crashed(wan_env, tmp_path):
+    (tmp_path / "m.jsonl").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ManifestError, match="not UTF-8 text"):
+        load_manifest(tmp_path / "m.jsonl", profile=NO_GPU)
+    with pytest.raises(ManifestError, match="line 1: not valid YAML"):
+        load_manifest(_write(tmp_path / "c.yaml", "entries: [\x07]\n"), profile=NO_GPU)
+    with pytest.raises(ManifestError, match="line 1: not valid YAML \\(found unhashable key\\)"):
+        load_manifest(_write(tmp_path / "k.yaml", "? [a, b]\n: 1\nentries: [{prompt: x, task: tiny}]\n"),
+                      profile=NO_GPU)
+    with pytest.raises(ManifestError, match="defaults: an object of request fields"):
+        load_manifest(_write(tmp_path / "d.yaml", "- {prompt: x}\n"), defaults=["tiny"], profile=NO_GPU)
 
 
 def test_lanes_follow_the_strategy():
@@ -96,7 +109,7 @@ def test_lanes_follow_the_strategy():
     assert lanes(read_gpu_profile([SimulatedGpu()] * 4), strategy="concurrent") == 1  # all on the CPU
 
 
-def test_groups_keep_a_checkpoint_together(tmp_path):
+def test_groups_keep_a_checkpoint_together(wan_env, tmp_path):
     image = tmp_path / "frame.png"
     Image.new("RGB", (64, 64)).save(image)
     lines = [f"  - {{prompt: p{i}, task: {task}{', image: ' + str(image) if task == 'tiny-i2v' else ''}}}"

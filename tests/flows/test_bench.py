@@ -26,6 +26,17 @@ def test_tiny_bench_prints_a_table(capsys, tmp_path):
     assert row["compile_cold_s"] is None  # nothing compiled
 
 
+def test_a_real_size_model_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "random_dit", lambda *a, **k: pytest.fail("the bench built a model"))
+    for argv in ([], ["--model", "ti2v-5B", "--device", "cpu"]):
+        assert main(argv) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("bench: --model ") and "needs a CUDA GPU" in line and "--model tiny" in line
+    assert main(["--model", "tiny", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("bench: --device cuda: no CUDA GPU here")
+
+
 @pytest.mark.parametrize(("model", "billions"), [("t2v-A14B", 14.29), ("ti2v-5B", 5.0)])
 def test_real_size_models_have_the_released_parameter_counts(model, billions):
     with torch.device("meta"):

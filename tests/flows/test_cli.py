@@ -7,6 +7,7 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
+import flows.cli
 from flows.cli import main
 from flows.request import GenerationRequest
 from flows.settings import get_settings
@@ -22,8 +23,43 @@ def test_every_request_field_is_a_generate_option(capsys):
 
 
 def test_invalid_request_is_refused_before_any_run(wan_env, capsys):
-    assert main(["generate", "--task", "tiny", "--size", "1280*720"]) == 2
+    assert main(["generate", "--prompt", "a cat", "--task", "tiny", "--size", "1280*720"]) == 2
     assert "size: '1280*720' is not offered by task 'tiny'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fails the test if the CLI gets as far as starting a run (and with it Prefect)."""
+    monkeypatch.setattr(flows.cli, "_run", lambda *a: pytest.fail("the CLI started a run"))
+
+
+def test_a_bad_checkpoint_or_image_is_one_line_and_exit_2(wan_env, tmp_path, capsys, no_run):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "photo.png").write_text("a text file named .png\n")
+    cases = {("--task", "t2v-A14B", "--checkpoint", "empty"): "invalid request: checkpoint: missing DiT config in ",
+             ("--task", "tiny-i2v", "--image", "photo.png"): "invalid request: image: 'photo.png' is not a PNG, JPEG, "
+                                                              "WEBP or BMP image (the formats allowed)"}
+    for options, line in cases.items():
+        assert main(["generate", "--prompt", "a cat", *options]) == 2
+        [printed] = capsys.readouterr().err.splitlines()
+        assert printed.startswith(line)
+
+
+def test_generate_asks_for_a_prompt_and_refuses_an_empty_one(wan_env, capsys, no_run):
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--task", "tiny"])
+    assert done.value.code == 2 and "the following arguments are required: --prompt" in capsys.readouterr().err
+    assert main(["generate", "--task", "tiny", "--prompt", "  "]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "invalid request: prompt: is only whitespace; say what the video shows"]
+
+
+def test_batch_blames_bad_defaults_on_defaults(wan_env, tmp_path, capsys):
+    (tmp_path / "m.yaml").write_text("- {prompt: one, task: tiny}\n")
+    assert main(["batch", "m.yaml", "--defaults", "{task: tiny}"]) == 2
+    assert capsys.readouterr().err.startswith("invalid --defaults: not JSON (")
+    assert main(["batch", "m.yaml", "--defaults", '["tiny"]']) == 2
+    assert capsys.readouterr().err.startswith("invalid --defaults: an object of request fields")
 
 
 def test_gpus_prints_the_profile(wan_env, monkeypatch, capsys):

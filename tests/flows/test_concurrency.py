@@ -80,6 +80,9 @@ def test_eight_runs_never_share_a_gpu(local_server, tmp_path):
             assert len(runs) == 6 and all(run.state.is_completed() for run in runs)
             gpu_phase = [r for r in runs if r.name.rsplit("-", 1)[0] in ("warm-up-compile", "denoise", "encode")]
             [gpu] = record["gpus"]
+            hold = record["gpu_hold"]  # the recorded hold lies inside the GPU phase's bounds
+            assert hold["acquired_unix"] <= min(r.start_time for r in gpu_phase).timestamp()
+            assert hold["released_unix"] >= max(r.end_time for r in gpu_phase).timestamp() - 0.5
             spans.append((gpu["tag"], min(r.start_time for r in gpu_phase), max(r.end_time for r in gpu_phase)))
             assert client.read_flow_run(record["run_id"]).state.is_completed()
 

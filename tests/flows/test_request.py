@@ -1,15 +1,25 @@
 """GenerationRequest: what a user may ask for, and the messages when they ask for too much."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
-from flows.request import GenerationRequest
+from flows.request import GenerationRequest, problems
 from tasks.gpus import GpuProfile, SimulatedGpu, read_gpu_profile
 
 NO_GPU = GpuProfile(source="none", reason="test")
 H100S = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 2)
 L40S = read_gpu_profile([SimulatedGpu(name="L40S", total_gb=48.0)])
+TINY_T2V_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "oracle" / "t2v-A14B-tiny"  # official layout
+
+
+def _release_folder(parent: Path) -> Path:
+    """A checkpoint folder the loader accepts, named as the T2V release (the tiny oracle model's files)."""
+    return Path(shutil.copytree(TINY_T2V_CHECKPOINT, parent / "Wan2.2-T2V-A14B"))
 
 
 def _error(profile: GpuProfile = NO_GPU, **fields) -> str:
@@ -44,8 +54,7 @@ def test_size_the_task_does_not_offer(wan_env):
 
 
 def test_duration_range_by_hardware(wan_env, tmp_path):
-    checkpoint = tmp_path / "Wan2.2-T2V-A14B"
-    checkpoint.mkdir()
+    checkpoint = _release_folder(tmp_path)
     a14b = {"task": "t2v-A14B", "checkpoint": str(checkpoint)}
     message = _error(L40S, **a14b, duration_s=15)
     assert "duration_s: 15" in message and "outside 2-10 s" in message and "no GPU with >= 80 GB" in message
@@ -65,7 +74,7 @@ def test_frame_count_must_be_4k_plus_1_and_agree_with_duration(wan_env):
 def test_i2v_needs_an_image_and_t2v_takes_none(wan_env, tmp_path):
     assert "image: task 'tiny-i2v' turns an image into a video" in _error(task="tiny-i2v")
     image = tmp_path / "first.png"
-    image.write_bytes(b"\x89PNG")
+    Image.new("RGB", (64, 48)).save(image)
     assert "image: task 'tiny' takes no image" in _error(task="tiny", image=str(image))
     assert "is not a file" in _error(task="tiny-i2v", image=str(tmp_path / "missing.png"))
     assert GenerationRequest.for_hardware(NO_GPU, task="tiny-i2v", image=str(image)).image == str(image)
@@ -80,13 +89,14 @@ def test_teacache_threshold_range(wan_env):
 def test_checkpoint_folder_must_exist(wan_env, tmp_path):
     message = _error(task="t2v-A14B", checkpoint=str(tmp_path / "nowhere"))
     assert "checkpoint: folder" in message and "nowhere" in message and "does not exist" in message
-    assert "WAN_CHECKPOINT_ROOT is unset" in _error(task="i2v-A14B", image=__file__)
+    Image.new("RGB", (64, 48)).save(tmp_path / "first.png")
+    assert "WAN_CHECKPOINT_ROOT is unset" in _error(task="i2v-A14B", image="first.png")
 
 
 def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch):
     from flows.settings import get_settings
 
-    (tmp_path / "Wan2.2-T2V-A14B").mkdir()
+    _release_folder(tmp_path)
     monkeypatch.setenv("WAN_CHECKPOINT_ROOT", str(tmp_path))
     get_settings.cache_clear()
     request = GenerationRequest.for_hardware(NO_GPU, task="t2v-A14B")
@@ -100,8 +110,19 @@ def test_gpu_selection_is_checked_against_the_host(wan_env):
     assert GenerationRequest.for_hardware(H100S, task="tiny", gpu_ids=[1, 0, 1]).gpu_ids == [0, 1]
 
 
+def test_a_prompt_of_only_whitespace_is_rejected(wan_env):
+    for prompt in ("", "   ", "\n\t "):
+        assert "prompt" in _error(task="tiny", prompt=prompt)
+    assert "prompt\n  Value error, is only whitespace; say what the video shows" in _error(task="tiny", prompt=" ")
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny", prompt=" a cat ").prompt == " a cat "
+
+
 def test_unknown_fields_are_rejected(wan_env):
     assert "num_gpus" in _error(task="tiny", num_gpus=2)
+    with pytest.raises(ValidationError) as caught:
+        GenerationRequest.for_hardware(NO_GPU, task="tiny", num_gpus=2)
+    [line] = problems(caught.value)
+    assert line.startswith("num_gpus: not a request field; the fields: task, prompt, ") and "gpus_per_job" in line
 
 
 def test_json_schema_has_dropdowns_and_ranges(wan_env):

@@ -15,6 +15,7 @@ def test_defaults_without_configuration(wan_env, monkeypatch):
     assert settings.outputs_dir == Path("outputs")
     assert (settings.default_tier, settings.default_strategy, settings.gpu_tag_base) == ("quality", "auto", "gpu")
     assert settings.default_task is None and settings.gpu_inventory is None
+    assert settings.input_roots == [Path(".")] and settings.checkpoint_roots == [Path(".")]  # the working directory
 
 
 def test_environment_and_dotenv(wan_env, monkeypatch):
@@ -34,4 +35,17 @@ def test_bad_values_fail_fast(wan_env, monkeypatch):
     monkeypatch.delenv("WAN_DEFAULT_TASK")
     monkeypatch.setenv("WAN_DEFAULT_STRATEGY", "fastest")
     with pytest.raises(ValidationError, match="default_strategy"):
+        Settings()
+
+
+def test_input_roots_are_a_path_list_or_json_and_checkpoints_add_their_root(wan_env, monkeypatch):
+    monkeypatch.setenv("WAN_INPUT_ROOTS", "/srv/inputs:/data/shared:")
+    monkeypatch.setenv("WAN_CHECKPOINT_ROOT", "/models")
+    settings = Settings()
+    assert settings.input_roots == [Path("/srv/inputs"), Path("/data/shared")]
+    assert settings.checkpoint_roots == [Path("/models"), Path("/srv/inputs"), Path("/data/shared")]
+    monkeypatch.setenv("WAN_INPUT_ROOTS", '["/srv/in:puts"]')
+    assert Settings().input_roots == [Path("/srv/in:puts")]
+    monkeypatch.setenv("WAN_INPUT_ROOTS", " ")
+    with pytest.raises(ValidationError, match="input_roots"):
         Settings()

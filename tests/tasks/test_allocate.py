@@ -1,4 +1,4 @@
-"""allocate-gpus: strategies, waiting, releasing, and stale slots of killed processes."""
+"""allocate-gpus: strategies, waiting in arrival order, cancelling a wait, releasing, slots of killed processes."""
 from __future__ import annotations
 
 import os
@@ -13,22 +13,15 @@ import uuid
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled, Cancelling, State
 
-from tasks.allocate import (
-    _share_locks,
-    acquire_gpus,
-    allocate_gpus,
-    choose_gpus,
-    ensure_limits,
-    gpu_environment,
-    hold_gpus,
-    limit_name,
-    reconcile_stale_slots,
-    release_gpus,
-    try_acquire,
-)
+from tasks import allocate
+from tasks.allocate import acquire_gpus, allocate_gpus, ensure_limits, gpu_environment, hold_gpus, release_gpus
+from tasks.gpu_queue import choose_gpus
 from tasks.gpus import GpuLink, SimulatedGpu, read_gpu_profile
+from tasks.leases import limit_name, reconcile_stale_slots, share_locks, try_acquire
 
 TWO_GPUS = read_gpu_profile([SimulatedGpu(), SimulatedGpu()])
 FOUR_GPUS = read_gpu_profile([SimulatedGpu()] * 4)
@@ -77,7 +70,7 @@ def test_concurrent_jobs_get_their_own_gpu_and_a_third_waits(prefect_server, tag
     waiter.start()
     time.sleep(1.5)
     assert not third
-    assert said == [f"waiting for the first free GPU of {tag_base}-0, {tag_base}-1, all held by other runs"]
+    assert said == [f"waiting for 1 GPU of {tag_base}-0, {tag_base}-1 (concurrent), 1st in line of 1"]
     release_gpus(second)
     waiter.join(timeout=30)
     assert third[0].tags == second.tags and third[0].waited_s > 1
@@ -133,7 +126,7 @@ def test_waiting_run_says_so_in_its_state_message(prefect_server, tag_base):
             time.sleep(0.2)
     release_gpus(blocker)
     runner.join(timeout=60)
-    assert message == f"waiting for the first free GPU of {tag_base}-0, {tag_base}-1, all held by other runs"
+    assert message == f"waiting for 1 GPU of {tag_base}-0, {tag_base}-1 (concurrent), 1st in line of 1"
     assert len(result[0]) == 1
 
 
@@ -141,9 +134,9 @@ HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from prefect.client.orchestration import get_client
-    from tasks.allocate import _share_locks, try_acquire
+    from tasks.leases import share_locks, try_acquire
     tag, lock_dir = sys.argv[1], Path(sys.argv[2])
-    _share_locks(lock_dir, [tag])
+    share_locks(lock_dir, [tag])
     with get_client(sync_client=True) as client:
         assert try_acquire(client, [tag], 60) is not None
     print("held", flush=True)
@@ -170,7 +163,7 @@ def test_slot_of_a_killed_process_is_reconciled(prefect_server, tag_base, tmp_pa
     assert _active(tag) == 0
 
     # A live holder keeps its slot.
-    fds = _share_locks(tmp_path, [tag])
+    fds = share_locks(tmp_path, [tag])
     with get_client(sync_client=True) as client:
         lease = try_acquire(client, [tag], 60)
         assert reconcile_stale_slots(client, [tag], tmp_path) == []
@@ -178,3 +171,99 @@ def test_slot_of_a_killed_process_is_reconciled(prefect_server, tag_base, tmp_pa
         client.release_concurrency_slots_with_lease(lease)
     for fd in fds:
         os.close(fd)
+
+
+def _wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_cancelling_a_waiting_run_ends_it_cancelled_without_the_gpu(prefect_server, tag_base):
+    """The UI's Cancel on a run that waits for a GPU: it stops waiting, never takes the slot, never resumes."""
+    blocker = _acquire(TWO_GPUS, "max_speed", tag_base)
+    after_allocation = []
+
+    @flow(name=f"cancel-{tag_base}")
+    def waits_for_gpus():
+        allocation = allocate_gpus(TWO_GPUS, "max_speed", tag_base, poll_seconds=0.2)
+        if isinstance(allocation, State):
+            return Cancelled(message=allocation.message)
+        after_allocation.append(allocation)
+        release_gpus(allocation)
+
+    states = []
+    runner = threading.Thread(target=lambda: states.append(waits_for_gpus(return_state=True)))
+    runner.start()
+    with get_client(sync_client=True) as client:
+        def waiting_run():
+            runs = [r for r in client.read_flow_runs() if r.state and tag_base in (r.state.message or "")]
+            return runs[0] if runs else None
+
+        _wait_for(waiting_run, what="the run to say it waits")
+        client.set_flow_run_state(waiting_run().id, Cancelling())  # what the UI's Cancel button sends
+        time.sleep(0.5)
+        release_gpus(blocker)
+        runner.join(timeout=60)
+        assert states[0].is_cancelled() and "cancelled while waiting for" in states[0].message, states[0]
+        assert client.read_flow_run(states[0].state_details.flow_run_id).state.is_cancelled()
+    assert not after_allocation
+    assert _active(f"{tag_base}-0") == _active(f"{tag_base}-1") == 0
+
+
+def test_a_four_gpu_run_is_served_before_later_one_gpu_runs(prefect_server, tag_base):
+    """Arrival order: GPUs freed one by one go to the oldest waiter (max_speed, 4 GPUs), not to later 1-GPU runs."""
+    blockers = [_acquire(FOUR_GPUS, "concurrent", tag_base) for _ in range(4)]
+    got: dict[str, object] = {}
+    said: dict[str, list[str]] = {"big": [], "small-0": [], "small-1": []}
+
+    def wait(name, strategy):
+        got[name] = _acquire(FOUR_GPUS, strategy, tag_base, on_wait=said[name].append)
+
+    threads = {"big": threading.Thread(target=wait, args=("big", "max_speed"))}
+    threads["big"].start()
+    _wait_for(lambda: said["big"], what="the 4-GPU run to wait")
+    for name in ("small-0", "small-1"):
+        threads[name] = threading.Thread(target=wait, args=(name, "concurrent"))
+        threads[name].start()
+        _wait_for(lambda name=name: said[name], what=f"{name} to wait")
+    for blocker in blockers:
+        release_gpus(blocker)
+        time.sleep(0.6)  # more than the waiters' poll: each freed GPU is seen alone
+    threads["big"].join(timeout=30)
+    assert got["big"].gpu_ids == [0, 1, 2, 3]
+    assert "small-0" not in got and "small-1" not in got
+    gpus = f"{tag_base}-0..{tag_base}-3"
+    assert said["big"][0] == f"waiting for 4 GPUs of {gpus} (max_speed), 1st in line of 1"
+    assert said["small-1"][0] == f"waiting for 1 GPU of {gpus} (concurrent), 3rd in line of 3"
+    release_gpus(got["big"])
+    for name in ("small-0", "small-1"):
+        threads[name].join(timeout=30)
+        release_gpus(got[name])
+    assert got["small-0"].waited_s > got["big"].waited_s - 1
+
+
+def test_a_cancel_that_lands_while_the_gpus_are_taken_gives_them_back(prefect_server, tag_base, monkeypatch):
+    take_lease, after_allocation = allocate.take_lease, []
+
+    def cancel_while_taking(*args, **kwargs):
+        taken = take_lease(*args, **kwargs)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling())
+        return taken
+
+    monkeypatch.setattr(allocate, "take_lease", cancel_while_taking)
+
+    @flow(name=f"cancel-late-{tag_base}")
+    def takes_gpus():
+        allocation = allocate_gpus(TWO_GPUS, "max_speed", tag_base, poll_seconds=0.2)
+        if isinstance(allocation, State):
+            return Cancelled(message=allocation.message)
+        after_allocation.append(allocation)
+        release_gpus(allocation)
+
+    state = takes_gpus(return_state=True)
+    assert state.is_cancelled() and "cancelled before its GPU work" in state.message, state
+    assert not after_allocation
+    assert _active(f"{tag_base}-0") == _active(f"{tag_base}-1") == 0

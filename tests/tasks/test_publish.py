@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import pytest
 import torch
@@ -12,26 +13,35 @@ from tasks.allocate import Allocation
 from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
 from tasks.power import PowerReading
-from tasks.publish import STAGING, build_record, publish_files, slugify
+from tasks.publish import Published, build_record, describe_markdown, publish_files, slugify
+from tasks.staging import STAGING, host_id, new_staging_folder, process_start
 from tasks.warmup import WarmUp
+from tests.tasks.rendering import render
 
 DAY = dt.date(2026, 3, 14)
 
 
-def _video(tmp_path):
-    path = tmp_path / "encoded.mp4"
+def _video(outputs):
+    """An MP4 as the encode task leaves it: in a staging folder of its own."""
+    path = new_staging_folder(outputs) / "video.mp4"
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42")
     return path
 
 
 def test_publish_writes_video_and_metadata(tmp_path):
     outputs = tmp_path / "outputs"
-    folder = publish_files(_video(tmp_path), {"seed": 7, "prompt": "雪の中の狐"}, outputs, "fox-1a2b3c4d", DAY)
+    folder = publish_files(_video(outputs), {"seed": 7, "prompt": "雪の中の狐"}, outputs, "fox-1a2b3c4d", DAY)
     assert folder == outputs / "2026-03-14" / "fox-1a2b3c4d"
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.json", "video.mp4"]
     assert json.loads((folder / "metadata.json").read_text(encoding="utf-8")) == {"seed": 7, "prompt": "雪の中の狐"}
-    assert not (tmp_path / "encoded.mp4").exists()  # moved, not copied
-    assert list((outputs / STAGING).iterdir()) == []
+    assert list((outputs / STAGING).iterdir()) == []  # the staging folder was renamed into place
+
+
+def test_publish_refuses_a_video_staged_elsewhere(tmp_path):
+    elsewhere = _video(tmp_path / "other-outputs")
+    with pytest.raises(ValueError, match="same outputs folder"):
+        publish_files(elsewhere, {}, tmp_path / "outputs", "fox-1a2b3c4d", DAY)
+    assert elsewhere.is_file()
 
 
 def test_failed_publish_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -42,18 +52,42 @@ def test_failed_publish_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(publish_module.json, "dump", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        publish_files(_video(tmp_path), {"seed": 7}, outputs, "fox-1a2b3c4d", DAY)
+        publish_files(_video(outputs), {"seed": 7}, outputs, "fox-1a2b3c4d", DAY)
     assert not (outputs / "2026-03-14" / "fox-1a2b3c4d").exists()
     assert list((outputs / STAGING).iterdir()) == []
 
 
-def test_staging_of_dead_processes_is_swept(tmp_path):
+def _staging(outputs, name):
+    folder = outputs / STAGING / name
+    folder.mkdir(parents=True)
+    (folder / "video.mp4").write_bytes(b"half")
+    return folder
+
+
+def test_staging_of_dead_processes_of_this_host_is_swept(tmp_path):
     outputs = tmp_path / "outputs"
-    dead = outputs / STAGING / "old-run.999999999"  # no such pid
-    dead.mkdir(parents=True)
-    (dead / "video.mp4").write_bytes(b"half")
-    publish_files(_video(tmp_path), {}, outputs, "new-run", DAY)
+    dead = _staging(outputs, f"{host_id()}.0a1b2c3d4e5f.12345.999999999")  # no such pid
+    publish_files(_video(outputs), {}, outputs, "new-run", DAY)
     assert not dead.exists()
+
+
+@pytest.mark.parametrize("host", ["gpu-b+4026531836", f"{host_id().split('+')[0]}+1"],
+                         ids=["another host", "this host name, another pid namespace"])
+def test_staging_of_another_host_is_left_alone(tmp_path, host):
+    """With outputs shared between hosts, a pid that is dead here may be publishing there."""
+    outputs = tmp_path / "outputs"
+    elsewhere = _staging(outputs, f"{host}.0a1b2c3d4e5f.12345.999999999")
+    publish_files(_video(outputs), {}, outputs, "new-run", DAY)
+    assert (elsewhere / "video.mp4").read_bytes() == b"half"
+
+
+def test_staging_whose_pid_now_belongs_to_another_process_is_swept(tmp_path):
+    outputs = tmp_path / "outputs"
+    pid = os.getpid()
+    reused = _staging(outputs, f"{host_id()}.0a1b2c3d4e5f.1.{pid}")  # this pid, started at another time
+    live = _staging(outputs, f"{host_id()}.0a1b2c3d4e5f.{process_start(pid)}.{pid}")  # this process, staging
+    publish_files(_video(outputs), {}, outputs, "new-run", DAY)
+    assert not reused.exists() and live.exists()
 
 
 def test_slugify():
@@ -92,3 +126,37 @@ def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
     assert record["energy"] == {"joules": 77040.0, "mean_watts": 687.9, "mean_sm_mhz": 1603, "power_capped": 0.98}
     assert publish_module._energy_lines(record) == [
         "- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power limit)"]
+
+
+HOSTILE_PROMPTS = [
+    "<img src=x onerror=alert(1)> a fox",
+    "<script>alert(1)</script>",
+    "# heading",
+    "a fox\n\n# a second heading\n\n<b>bold</b>",
+    "[link](javascript:alert(1)) and ![image](http://example.com/x.png)",
+    "`code` and ``more`` and \\`escaped\\`",
+    "| a | b |\n|---|---|\n| c | d |",
+    "**bold** _em_ ~~struck~~ &lt;b&gt; &amp; https://example.com",
+    "1. listed\n> quoted\n---",
+]
+
+
+def _published(outputs, prompt: str) -> tuple[Published, dict]:
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 2}, timings={"load": 1.0},
+                        step_seconds=[0.5, 0.5], block_stack=["computed", "computed"])
+    video = EncodedVideo(outputs / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    request = {"task": "tiny", "prompt": prompt, "negative_prompt": prompt, "steps": 2, "solver": "unipc",
+               "tier": "quality"}
+    folder = outputs / "2026-03-14" / "run"
+    published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json", seed=4)
+    return published, build_record(request, denoised, video, Allocation(), "run")
+
+
+@pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
+def test_a_hostile_prompt_shows_as_literal_text_in_the_markdown_artifact(tmp_path, prompt):
+    outputs = tmp_path / "<b>outputs</b> `x` [y](z)"  # the settings' folder: typed by someone too
+    published, record = _published(outputs, prompt)
+    rendered = render(describe_markdown(published, record))
+    assert set(rendered.tags) <= {"h1", "ul", "li", "code"} and rendered.attributes == []
+    assert rendered.text["h1"] == f"tiny: {' '.join(prompt[:80].split())}"
+    assert rendered.text["code"] == str(published.video)

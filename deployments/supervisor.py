@@ -1,0 +1,205 @@
+"""The process of `wanflow worker`: it owns this host's worker processes, gives back the GPUs of runs
+that died, and on SIGTERM or Ctrl-C cancels the runs in flight on this host before it exits.
+
+Children the worker owns (`Supervisor.children`, started in their own sessions so that a Ctrl-C in
+the terminal reaches only the supervisor): today the Prefect worker (deployments/prefect_worker.py),
+whose flow-run processes are the runs in flight on this host.
+
+Every REAP_SECONDS, `tasks.allocate.reap_dead_leases` releases the GPU leases whose holder process on
+this host is dead (a run killed by the OOM killer or SIGKILL), at once rather than when the lease
+expires; a reaped run not yet in a final state is marked Crashed.
+
+On SIGTERM or SIGINT:
+1. the Prefect worker takes no new runs;
+2. every run in flight here is set Cancelling, "cancelled: worker <name> stopped (SIGTERM)"; the
+   Prefect worker cancels it: its process gets SIGTERM, `hold_gpus` gives its GPUs back (under 1 s)
+   and the process exits (about 2 s);
+3. a run process still alive after CANCEL_GRACE_S gets SIGTERM, KILL_GRACE_S later SIGKILL
+   (measured in Prefect 3.9: on a SIGTERM without Prefect's cancel intent the flow engine raises
+   TerminationSignal in the run's main thread, so `hold_gpus` still releases, and the run ends Crashed);
+4. the Prefect worker is stopped, leases of dead holders reaped, and every run that did not finish
+   on its own ends Cancelled with that message; the supervisor exits 0.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from uuid import UUID
+
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.states import Cancelled, Cancelling, Crashed, State
+
+from tasks.allocate import reap_dead_leases
+
+log = logging.getLogger(__name__)
+
+REAP_SECONDS = 1.0
+CANCEL_GRACE_S = 20.0  # Prefect's cancellation of a run takes ~2 s; then SIGTERM from us
+KILL_GRACE_S = 10.0  # after our SIGTERM, then SIGKILL
+WORKER_STOP_S = 15.0  # the Prefect worker's own shutdown, then SIGKILL
+PREFECT_WORKER = "prefect-worker"
+
+
+def flow_run_processes(parent: int) -> dict[UUID, int]:
+    """The flow-run processes `parent` started, read from /proc: flow run id -> pid."""
+    runs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, ...
+            if int(fields[1]) != parent or fields[0] == "Z":
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # it ended meanwhile
+        for entry in environ:
+            if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
+                runs[UUID(entry.split(b"=", 1)[1].decode())] = int(stat.parent.name)
+    return runs
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: it only waits for its parent to collect it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def signal_process(pid: int, sig: signal.Signals) -> None:
+    """Send `sig` to `pid` and, where it leads its own process group (flow runs and our children do),
+    to everything in that group."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class Supervisor:
+    """Runs the children this host's worker owns until SIGTERM or SIGINT; see the module docstring."""
+
+    def __init__(self, name: str, worker_command: list[str], env: dict[str, str]):
+        self.name = name
+        self.worker_command = worker_command
+        self.env = env
+        self.children: dict[str, subprocess.Popen] = {}
+        self.stop_signal: signal.Signals | None = None
+
+    def run(self) -> int:
+        """Supervise until asked to stop (exit status 0) or until the Prefect worker ends by itself (its status)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._ask_to_stop)
+        with get_client(sync_client=True) as client:
+            self.children[PREFECT_WORKER] = subprocess.Popen(self.worker_command, env=self.env,
+                                                             start_new_session=True)
+            log.info("worker %s: Prefect worker pid %d; SIGTERM or Ctrl-C cancels the runs in flight here",
+                     self.name, self.children[PREFECT_WORKER].pid)
+            try:
+                return self._supervise(client)
+            finally:
+                self._stop_children()  # whatever happened: no child outlives the supervisor
+
+    def _supervise(self, client: SyncPrefectClient) -> int:
+        while self.stop_signal is None:
+            status = self.children[PREFECT_WORKER].poll()
+            if status is not None:
+                log.error("the Prefect worker ended by itself (exit status %d)", status)
+                self.reap(client)
+                return status or 1
+            self.reap(client)
+            time.sleep(REAP_SECONDS)
+        self._stop(client)
+        return 0
+
+    def _ask_to_stop(self, signum: int, frame: object) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum)
+
+    def reap(self, client: SyncPrefectClient) -> None:
+        """Give back the GPU leases of dead holders on this host; a reaped run still going is Crashed."""
+        try:
+            reaped = reap_dead_leases(client)
+        except Exception as exc:  # the server may be restarting: try again next time
+            log.warning("could not reap the GPU leases of dead runs: %s", exc)
+            return
+        for lease in reaped:
+            tags = ", ".join(lease.tags)
+            log.warning("gave back %s: the process of flow run %s died", tags, lease.flow_run_id)
+            if lease.flow_run_id is not None and not self._final(client, lease.flow_run_id):
+                self._set_state(client, lease.flow_run_id, Crashed(
+                    message=f"the run's process died; its GPU slots ({tags}) were given back at once"))
+
+    def _stop(self, client: SyncPrefectClient) -> None:
+        reason = f"cancelled: worker {self.name} stopped ({self.stop_signal.name})"
+        worker = self.children[PREFECT_WORKER]
+        os.kill(worker.pid, signal.SIGTERM)  # take no new runs (its group holds its helpers: leave them be)
+        runs: dict[UUID, int] = {}
+        started, escalated = time.monotonic(), None
+        while True:
+            found = flow_run_processes(worker.pid)
+            for run_id in found.keys() - runs.keys():
+                log.info("cancelling flow run %s (pid %d)", run_id, found[run_id])
+                self._set_state(client, run_id, Cancelling(message=reason))
+            runs |= found
+            left = [pid for pid in runs.values() if alive(pid)]
+            if not left:
+                break
+            waited = time.monotonic() - started
+            if escalated is None and waited > CANCEL_GRACE_S:
+                log.warning("runs still going after %.0f s: SIGTERM to pids %s", waited, left)
+                for pid in left:
+                    signal_process(pid, signal.SIGTERM)
+                escalated = time.monotonic()
+            elif escalated is not None and time.monotonic() - escalated > KILL_GRACE_S:
+                log.warning("SIGKILL to pids %s", left)
+                for pid in left:
+                    signal_process(pid, signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        self._stop_children()
+        self.reap(client)
+        for run_id in runs:
+            state = self._state(client, run_id)
+            if state is None or state.is_completed() or state.is_failed():
+                continue  # it finished its work before the cancellation reached it
+            if not (state.is_cancelled() and state.message == reason):
+                self._set_state(client, run_id, Cancelled(message=reason))
+        log.info("worker %s stopped after %.1f s; %d run(s) cancelled", self.name, time.monotonic() - started,
+                 len(runs))
+
+    def _stop_children(self) -> None:
+        """Stop every child, last started first: SIGINT, then SIGKILL after WORKER_STOP_S."""
+        for name, child in reversed(self.children.items()):
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+                try:
+                    child.wait(WORKER_STOP_S)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop within %.0f s: SIGKILL", name, WORKER_STOP_S)
+                    signal_process(child.pid, signal.SIGKILL)
+                    child.wait()
+
+    @staticmethod
+    def _state(client: SyncPrefectClient, run_id: UUID) -> State | None:
+        try:
+            return client.read_flow_run(run_id).state
+        except Exception as exc:
+            log.warning("could not read flow run %s: %s", run_id, exc)
+            return None
+
+    def _final(self, client: SyncPrefectClient, run_id: UUID) -> bool:
+        state = self._state(client, run_id)
+        return state is not None and state.is_final()
+
+    @staticmethod
+    def _set_state(client: SyncPrefectClient, run_id: UUID, state: State) -> None:
+        try:
+            client.set_flow_run_state(run_id, state, force=True)
+        except Exception as exc:
+            log.warning("could not set flow run %s %s: %s", run_id, state.name, exc)
