@@ -22,6 +22,7 @@ On SIGTERM or SIGINT:
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ CANCEL_GRACE_S = 20.0  # Prefect's cancellation of a run takes ~2 s; then SIGTER
 KILL_GRACE_S = 10.0  # after our SIGTERM, then SIGKILL
 WORKER_STOP_S = 15.0  # the Prefect worker's own shutdown, then SIGKILL
 PREFECT_WORKER = "prefect-worker"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def flow_run_processes(parent: int) -> dict[UUID, int]:
@@ -67,6 +69,19 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: have the kernel SIGKILL it when the supervisor dies.
+
+    Otherwise a supervisor killed outright (SIGKILL, the OOM killer) leaves its Prefect worker polling for
+    runs with nobody reaping after it, beside the worker a service manager starts next. The runs in flight
+    lead process groups of their own and finish under their own leases. Linux only; elsewhere a no-op.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def signal_process(pid: int, sig: signal.Signals) -> None:
@@ -97,7 +112,7 @@ class Supervisor:
             signal.signal(sig, self._ask_to_stop)
         with get_client(sync_client=True) as client:
             self.children[PREFECT_WORKER] = subprocess.Popen(self.worker_command, env=self.env,
-                                                             start_new_session=True)
+                                                             start_new_session=True, preexec_fn=die_with_parent)
             log.info("worker %s: Prefect worker pid %d; SIGTERM or Ctrl-C cancels the runs in flight here",
                      self.name, self.children[PREFECT_WORKER].pid)
             try:

@@ -6,11 +6,12 @@ tiny-preset run is started through the deployment and the fault is applied once 
 the GPU; the drill then measures the seconds from the fault until the GPU's slot is free
 and reads the run's final state and message. docs/reliability.md holds its table.
 
-    python scripts/fault_drill.py [--steps 400] [--only kill-run,cancel-running]
+    python scripts/fault_drill.py [--steps 200] [--only kill-run,cancel-running]
 
-Faults: kill-run (SIGKILL the flow-run process), kill-worker (SIGKILL the worker's whole
-process group, runs included, then start the worker again), sigterm-worker (the way a
-service manager stops it), restart-server (SIGKILL the server, then `wanflow setup`),
+Faults: kill-run (SIGKILL the flow-run process), kill-worker (SIGKILL the worker and every
+process under it, runs included, as an OOM kill of the service would; then start the worker
+again), sigterm-worker (the way a service manager stops it), restart-server (SIGKILL the
+server, then `wanflow setup`; the run holding the GPU should carry on and complete),
 cancel-waiting (cancel a run queued behind another), cancel-running (cancel from the UI/API).
 """
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Drill:
         return SyncPrefectClient(self.api)
 
     def submit(self, prompt: str, steps: int | None = None):
-        request = {"task": "tiny", "prompt": prompt, "size": "128*128", "frame_count": 9,
+        request = {"task": "tiny", "prompt": prompt, "size": "128*128", "frame_count": 33,
                    "steps": steps or self.steps, "seed": 1, "strategy": "concurrent"}
         with self.client() as client:
             deployment = client.read_deployment_by_name("generate-video/generate-video")
@@ -136,6 +137,23 @@ def _flow_pid(drill: Drill, run_id) -> int:
     return int(str(pid).rsplit(":", 1)[-1])
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process under `pid` (children of children too), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def _time_to_free(drill: Drill, timeout: float = 180) -> float | None:
     try:
         return drill.wait(lambda: not drill.slot_taken(), timeout, "the GPU slot to come back")
@@ -159,11 +177,12 @@ def drill_fault(drill: Drill, fault: str) -> Outcome:
 
     run_id = drill.submit(fault)
     drill.holding(run_id)
-    faulted = time.monotonic()
+    faulted, note = time.monotonic(), ""
     if fault == "kill-run":
         os.kill(_flow_pid(drill, run_id), signal.SIGKILL)
     elif fault == "kill-worker":
-        os.killpg(drill.worker.pid, signal.SIGKILL)
+        for pid in [drill.worker.pid, *_descendants(drill.worker.pid)]:
+            os.kill(pid, signal.SIGKILL)
         drill.worker.wait()
         drill.start_worker()  # a service manager restarts it
     elif fault == "sigterm-worker":
@@ -174,17 +193,18 @@ def drill_fault(drill: Drill, fault: str) -> Outcome:
         os.killpg(int((drill.home / "server.pid").read_text()), signal.SIGKILL)
         time.sleep(1)
         drill.setup()
+        note = f"server back after {time.monotonic() - faulted:.0f} s; "
     elif fault == "cancel-running":
         drill.cancel(run_id)
     free = _time_to_free(drill)
     free_after = None if free is None else time.monotonic() - faulted - 0.0
     state = drill.final_state(run_id)
-    return Outcome(fault, free_after, state.name, state.message or "")
+    return Outcome(fault, free_after, state.name, note + (state.message or ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="denoising steps of the faulted run (its length)")
+    parser.add_argument("--steps", type=int, default=200, help="denoising steps of the faulted run (its length)")
     parser.add_argument("--only", help=f"comma-separated faults of {', '.join(FAULTS)}")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs)")
     args = parser.parse_args()

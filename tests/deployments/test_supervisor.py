@@ -30,3 +30,26 @@ def test_the_flow_run_processes_a_worker_started_are_found_with_their_run_ids():
             process.kill()
             process.wait()
     assert not alive(run.pid)
+
+
+PARENT = """
+import subprocess, sys, time
+from deployments.supervisor import die_with_parent
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
+                         preexec_fn=die_with_parent)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_of_the_supervisor_dies_with_it():
+    """A supervisor killed outright must not leave its Prefect worker polling for runs (the kernel kills it)."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert alive(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(child):
+        assert time.monotonic() < deadline, "the child outlived its supervisor"
+        time.sleep(0.05)
