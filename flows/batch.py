@@ -48,11 +48,11 @@ from pydantic import ValidationError
 from flows.generate import generate_video
 from flows.inputs import InputError, confine
 from flows.request import GenerationRequest, describe_error
-from flows.settings import get_settings
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.markdown import literal, literal_cells
 from tasks.pipelines import evict_pipelines
 from tasks.publish import slugify
+from tasks.settings import get_settings
 
 RECORDS_DIR = "batch-records"
 SCHEDULING_FIELDS = frozenset({"strategy", "gpus_per_job", "gpu_ids"})  # where a video is made, not what it shows

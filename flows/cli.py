@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.request import GenerationRequest, problems
-from flows.settings import get_settings
+from tasks.settings import get_settings
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
 CALIBRATION_PROMPT = "a woman walking along a beach at sunset, waves rolling in, the camera slowly tracking her"

@@ -15,12 +15,12 @@ from prefect import flow
 from prefect.states import Cancelled, State
 
 from flows.request import GenerationRequest
-from flows.settings import get_settings
 from tasks.allocate import allocate_gpus, hold_gpus
 from tasks.denoise import denoise
 from tasks.encode import encode
 from tasks.gpus import detect_gpus
 from tasks.publish import Published, publish
+from tasks.settings import get_settings
 from tasks.warmup import warm_up_compile
 
 

@@ -22,8 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flows.inputs import InputError, check_image, confine, validate_checkpoint
-from flows.settings import Strategy, Tier, get_settings
 from tasks.gpus import GpuProfile, read_gpu_profile
+from tasks.settings import Strategy, Tier, get_settings
 from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
 
 TaskName = Literal[tuple(MODEL_SPECS)]  # type: ignore[valid-type]
@@ -55,6 +55,9 @@ def duration_range(spec: ModelSpec, size: tuple[int, int], profile: GpuProfile) 
 def _default_task(profile: GpuProfile) -> str:
     settings = get_settings()
     if settings.default_task:
+        if settings.default_task not in MODEL_SPECS:  # settings import no engine code: checked here, where tasks are
+            raise ValueError(f"task: unset, and WAN_DEFAULT_TASK={settings.default_task!r} is not a task; "
+                             f"allowed: {', '.join(MODEL_SPECS)}")
         return settings.default_task
     root = settings.checkpoint_root
     if profile.gpus and not profile.simulated and root and (root / release_folder("t2v-A14B")).is_dir():

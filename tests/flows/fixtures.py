@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.settings import get_settings
+from tasks.settings import get_settings
 
 _HARNESS: list[ExitStack] = []  # both conftests register this fixture: they must share one server
 

@@ -10,7 +10,7 @@ import pytest
 import flows.cli
 from flows.cli import main
 from flows.request import GenerationRequest
-from flows.settings import get_settings
+from tasks.settings import get_settings
 
 
 def test_every_request_field_is_a_generate_option(capsys):

@@ -24,13 +24,13 @@ from torch._dynamo.utils import counters
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
-from flows.settings import get_settings
 from patches.step_cache import plan_sampling
 from patches.teacache import published_coefficients, teacache_rel_l1, teacache_schedule
 from tasks import denoise as denoise_module
 from tasks import pipelines
 from tasks.allocate import limit_name
 from tasks.denoise import listen_to_steps
+from tasks.settings import get_settings
 
 TASKS = ["detect-gpus", "allocate-gpus", "warm-up-compile", "denoise", "encode", "publish"]
 

@@ -94,7 +94,7 @@ def test_checkpoint_folder_must_exist(wan_env, tmp_path):
 
 
 def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch):
-    from flows.settings import get_settings
+    from tasks.settings import get_settings
 
     _release_folder(tmp_path)
     monkeypatch.setenv("WAN_CHECKPOINT_ROOT", str(tmp_path))
@@ -102,6 +102,15 @@ def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch
     request = GenerationRequest.for_hardware(NO_GPU, task="t2v-A14B")
     assert request.checkpoint == str(tmp_path / "Wan2.2-T2V-A14B")
     assert request.frame_count == 81 and request.size == "1280*720" and request.steps == 40
+
+
+def test_a_default_task_that_is_no_task_refuses_the_requests_that_fall_back_to_it(wan_env, monkeypatch):
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("WAN_DEFAULT_TASK", "t2v-5B")
+    get_settings.cache_clear()
+    assert "WAN_DEFAULT_TASK='t2v-5B' is not a task; allowed: t2v-A14B" in _error(prompt="a heron")
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny").task == "tiny"  # a request naming its task runs
 
 
 def test_gpu_selection_is_checked_against_the_host(wan_env):
