@@ -50,7 +50,7 @@ from flows.inputs import InputError, confine
 from flows.request import GenerationRequest, describe_error
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.markdown import literal, literal_cells
-from tasks.pipelines import evict_pipelines
+from tasks.pipelines import process_engines
 from tasks.publish import slugify
 from tasks.settings import get_settings
 
@@ -323,7 +323,7 @@ def batch_generate(manifest: str, defaults: dict[str, Any] | None = None,
         devices = {row.pop("device") for row in done if "device" in row}
         if next_checkpoint != group[0].request.checkpoint:
             for device in devices:
-                evict_pipelines(device)  # the next checkpoint needs the memory
+                process_engines().evict(device)  # the next checkpoint needs the memory
         rows += done
 
     rows.sort(key=lambda row: row["line"])

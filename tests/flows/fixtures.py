@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from prefect.testing.utilities import prefect_test_harness
 
+from tasks.pipelines import process_engines
 from tasks.settings import get_settings
 
 _HARNESS: list[ExitStack] = []  # both conftests register this fixture: they must share one server
@@ -34,3 +35,13 @@ def wan_env(monkeypatch, tmp_path) -> Path:
     get_settings.cache_clear()
     yield outputs
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def fresh_engines():
+    """This process's engine cache without CPU pipelines before the test and after it: a test that loads a
+    stand-in pipeline leaves it to no other test."""
+    engines = process_engines()
+    engines.evict("cpu")
+    yield engines
+    engines.evict("cpu")

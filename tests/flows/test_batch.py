@@ -141,7 +141,8 @@ def test_cli_batch_generates_then_skips(prefect_server, wan_env, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env, tmp_path, monkeypatch):
+def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env, tmp_path, monkeypatch,
+                                                          fresh_engines):
     image = tmp_path / "frame.png"
     Image.new("RGB", (64, 64), (180, 60, 40)).save(image)
     manifest = _write(tmp_path / "six.yaml", "\n".join([
@@ -152,7 +153,6 @@ def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env
     ]))
     loads = []
     load_pipeline = pipelines.wan_engine.load_pipeline
-    monkeypatch.setattr(pipelines, "_PIPELINES", {})
     monkeypatch.setattr(pipelines.wan_engine, "load_pipeline",
                         lambda checkpoint, **kw: loads.append(checkpoint) or load_pipeline(checkpoint, **kw))
 
@@ -186,11 +186,9 @@ class _OutOfMemoryPipeline:
 
 
 def test_a_failed_entry_fails_the_batch_after_the_others_with_its_row(prefect_server, wan_env, tmp_path,
-                                                                       monkeypatch, capsys):
+                                                                       monkeypatch, capsys, fresh_engines):
     manifest = _write(tmp_path / "m.yaml", "defaults: {task: tiny, frame_count: 5}\n"
                                            "entries:\n  - prompt: one\n  - prompt: two\n")
-    monkeypatch.setattr(pipelines, "_PIPELINES", {})
-    monkeypatch.setattr(pipelines, "_TIERS", {})
     monkeypatch.setattr(pipelines.wan_engine, "load_pipeline", lambda *a, **k: _OutOfMemoryPipeline())
     assert main(["batch", manifest]) == 1
     out, err = capsys.readouterr()

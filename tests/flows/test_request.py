@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from flows.request import GenerationRequest, problems
 from tasks.gpus import GpuProfile, SimulatedGpu, read_gpu_profile
+from wan_engine.sizes import Size
 
 NO_GPU = GpuProfile(source="none", reason="test")
 H100S = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 2)
@@ -32,7 +33,7 @@ def test_tiny_request_is_completed_from_the_task_defaults(wan_env):
     request = GenerationRequest.for_hardware(NO_GPU, prompt="a cat", duration_s=2)
     assert (request.task, request.size, request.frame_count, request.steps) == ("tiny", "64*64", 33, 10)
     assert (request.tier, request.strategy, request.checkpoint) == ("quality", "auto", "tiny")
-    assert request.width_height == (64, 64)
+    assert request.video_size == Size(64, 64) and request.video_size.pixels == 64 * 64
 
 
 def test_validated_request_validates_again_unchanged(wan_env):

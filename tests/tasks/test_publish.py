@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from tasks import publish as publish_module
-from tasks.allocate import Allocation
 from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
 from tasks.power import PowerReading
@@ -17,6 +16,7 @@ from tasks.publish import Published, build_record, describe_markdown, publish_fi
 from tasks.staging import STAGING, host_id, new_staging_folder, process_start
 from tasks.warmup import WarmUp
 from tests.tasks.rendering import render
+from tests.tasks.runs import tiny_run
 
 DAY = dt.date(2026, 3, 14)
 
@@ -105,7 +105,7 @@ def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
                         step_cache=schedule, block_stack=["computed", "computed", "reused", "computed"])
     video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
     warm = WarmUp("speed", True, 12.5, 3.0, "torch.compile (inductor) of the repeated blocks")
-    record = build_record({"tier": "speed", "prompt": "p"}, denoised, video, Allocation(), "run", warm)
+    record = build_record(tiny_run(tier="speed"), denoised, video, "run", warm)
     assert record["tier"] == "speed" and record["patches"] == denoised.tier["patches"]
     assert record["compile"] == {"compiled": True, "seconds": 12.5, "detail": warm.detail}
     assert record["timings_s"]["compile_warm_up"] == 12.5 and record["timings_s"]["load"] == 4.0
@@ -122,7 +122,7 @@ def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
     denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 1.0},
                         step_seconds=[0.5] * 4, energy=energy_record(reading))
     video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
-    record = build_record({"tier": "quality", "prompt": "p"}, denoised, video, Allocation(), "run")
+    record = build_record(tiny_run(), denoised, video, "run")
     assert record["energy"] == {"joules": 77040.0, "mean_watts": 687.9, "mean_sm_mhz": 1603, "power_capped": 0.98}
     assert publish_module._energy_lines(record) == [
         "- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power limit)"]
@@ -145,11 +145,10 @@ def _published(outputs, prompt: str) -> tuple[Published, dict]:
     denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 2}, timings={"load": 1.0},
                         step_seconds=[0.5, 0.5], block_stack=["computed", "computed"])
     video = EncodedVideo(outputs / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
-    request = {"task": "tiny", "prompt": prompt, "negative_prompt": prompt, "steps": 2, "solver": "unipc",
-               "tier": "quality"}
+    run = tiny_run(prompt=prompt, negative_prompt=prompt, steps=2)
     folder = outputs / "2026-03-14" / "run"
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json", seed=4)
-    return published, build_record(request, denoised, video, Allocation(), "run")
+    return published, build_record(run, denoised, video, "run")
 
 
 @pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
