@@ -114,13 +114,15 @@ def _step_cache_record(step_cache) -> dict:
 
 
 class _Progress:
-    """Moves the run's progress artifact and logs each step."""
+    """Moves the run's progress artifact (in a flow run: outside one there is no page to show it) and logs
+    each step."""
 
     def __init__(self, total: int, step_cache=None):
         self.total = total
         self.step_cache = step_cache
         self.reused = 0
-        self.artifact_id = create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
+        self.artifact_id = (create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
+                            if FlowRunContext.get() else None)
         self.last_update = time.monotonic()
         self.logger = get_run_logger()
 
@@ -134,7 +136,7 @@ class _Progress:
         self.logger.info("step %d/%d (t=%d, %s expert): %.2f s%s", info.step + 1, info.total, info.timestep,
                          info.expert, info.seconds, note)
         done = info.step + 1 == info.total
-        if done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS:
+        if self.artifact_id and (done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS):
             reused = f", {self.reused} reused the cache" if self.step_cache is not None else ""
             update_progress_artifact(self.artifact_id, 100.0 * (info.step + 1) / info.total,
                                      description=f"denoising: {info.step + 1}/{info.total} steps{reused}")

@@ -133,7 +133,8 @@ def publish(run: RunDescription, denoised: Denoised, video: EncodedVideo, output
     folder = publish_files(video.path, record, Path(outputs_dir).resolve(), name, dt.date.today())
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json",
                           seed=denoised.seed)
-    _describe(published, record)
+    if flow_run:  # the artifacts belong on the run's page; outside a flow run there is none
+        _describe(published, record)
     get_run_logger().info("published %s", published.video)
     return published
 

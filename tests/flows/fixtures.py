@@ -5,6 +5,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from prefect.logging import disable_run_logger
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from tasks.pipelines import process_engines
@@ -45,3 +47,12 @@ def fresh_engines():
     engines.evict("cpu")
     yield engines
     engines.evict("cpu")
+
+
+@pytest.fixture
+def no_prefect_server():
+    """For calling a task body (`.fn`) as a plain function: no run logger, and a Prefect API that refuses every
+    connection (no embedded server either), so a body that needs a server fails instead of finding one."""
+    unreachable = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    with temporary_settings(updates=unreachable), disable_run_logger():
+        yield

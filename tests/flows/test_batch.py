@@ -22,6 +22,7 @@ from flows.batch import (
     lane_count,
     load_manifest,
     plan_groups,
+    read_manifest,
 )
 from flows.cli import main
 from flows.request import GenerationRequest
@@ -195,3 +196,14 @@ def test_a_failed_entry_fails_the_batch_after_the_others_with_its_row(prefect_se
     assert [line.split()[:3] for line in out.splitlines()] == [["line", "3", "failed"], ["line", "4", "failed"]]
     assert "batch ended failed: 2 of 2 entries did not complete: line 3 (failed), line 4 (failed)" in err
     assert not (wan_env / "batch-records").exists()  # nothing to skip on the next run
+
+
+def test_the_read_manifest_body_validates_every_entry(no_prefect_server, wan_env, tmp_path):
+    manifest = _write(tmp_path / "m.yaml", "defaults: {task: tiny, frame_count: 5}\n"
+                                           "entries:\n  - prompt: one\n  - {prompt: two, seed: 3}\n")
+    entries = read_manifest.fn(manifest)
+    assert [(e.line, e.request.prompt, e.request.frame_count) for e in entries] == [(3, "one", 5), (4, "two", 5)]
+    assert entries[1].request.seed == 3 and entries[0].request.seed is not None  # a seed derived from its key
+    with pytest.raises(ManifestError, match="line 4: frame_count"):
+        read_manifest.fn(_write(tmp_path / "bad.yaml", "defaults: {task: tiny}\nentries:\n  - prompt: one\n"
+                                                       "  - {prompt: two, frame_count: 6}\n"))

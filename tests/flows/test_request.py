@@ -1,6 +1,7 @@
 """GenerationRequest: what a user may ask for, and the messages when they ask for too much."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -156,3 +157,15 @@ def test_the_speed_tier_step_cache_is_a_choice():
         GenerationRequest(task="tiny", frame_count=5, step_cache="fastcache")
     enum = GenerationRequest.model_json_schema()["properties"]["step_cache"]["enum"]
     assert enum == ["teacache", "magcache"]
+
+
+def test_a_request_becomes_the_run_description_every_task_is_handed(wan_env):
+    from tasks.allocate import Allocation
+
+    request = GenerationRequest.for_hardware(NO_GPU, task="tiny", prompt="a heron", size="96*64", frame_count=9)
+    run = request.describe_run(11, Allocation())
+    assert run.size == Size(96, 64) and str(run.size) == "96*64" and run.fps == 16 and run.seed == 11
+    assert (run.device, run.gpus, run.checkpoint, run.frame_count) == ("cpu", 1, "tiny", 9)
+    assert run.request == request.model_dump(mode="json") and run.request["seed"] is None  # as it was asked
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.seed = 12

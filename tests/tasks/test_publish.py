@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from tasks import publish as publish_module
+from tasks.allocate import Allocation
 from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
 from tasks.power import PowerReading
-from tasks.publish import Published, build_record, describe_markdown, publish_files, slugify
+from tasks.publish import Published, build_record, describe_markdown, publish, publish_files, slugify
 from tasks.staging import STAGING, host_id, new_staging_folder, process_start
 from tasks.warmup import WarmUp
 from tests.tasks.rendering import render
@@ -159,3 +160,20 @@ def test_a_hostile_prompt_shows_as_literal_text_in_the_markdown_artifact(tmp_pat
     assert set(rendered.tags) <= {"h1", "ul", "li", "code"} and rendered.attributes == []
     assert rendered.text["h1"] == f"tiny: {' '.join(prompt[:80].split())}"
     assert rendered.text["code"] == str(published.video)
+
+
+def test_the_publish_body_files_the_video_with_the_record_of_its_run(tmp_path, no_prefect_server):
+    outputs = tmp_path / "outputs"
+    allocation = Allocation(waited_s=1.5, acquired_unix=100.0, released_unix=160.0)
+    run = tiny_run(seed=9, allocation=allocation)
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=9, settings={"steps": 4}, timings={"load": 1.0},
+                        step_seconds=[0.5] * 4, block_stack=["computed"] * 4)
+    video = EncodedVideo(_video(outputs), frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    published = publish.fn(run, denoised, video, str(outputs))
+    assert published.folder.parent.parent == outputs.resolve() and published.video.is_file()
+    assert published.folder.name.startswith("a-heron-in-the-reeds-") and published.seed == 9
+    record = json.loads(published.metadata.read_text())
+    assert record["request"] == run.request and (record["seed"], record["tier"]) == (9, "quality")
+    assert (record["device"], record["gpus"], record["gpu_wait_s"]) == ("cpu", [], 1.5)
+    assert record["gpu_hold"] == {"acquired_unix": 100.0, "released_unix": 160.0}
+    assert list((outputs / STAGING).iterdir()) == []  # the staged video was renamed into place
