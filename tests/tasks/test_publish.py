@@ -97,6 +97,10 @@ def test_slugify():
     assert len(slugify("x" * 100)) == 40
 
 
+def _published_at(folder) -> Published:
+    return Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json", seed=4)
+
+
 def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
     schedule = {"method": "teacache", "computed_steps": {"cond": [0, 1, 3], "uncond": [0, 1, 3]},
                 "skipped_steps": {"cond": [2], "uncond": [2]}, "computed": 6, "skipped": 2, "total": 8}
@@ -113,9 +117,9 @@ def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
     assert record["step_cache"] == schedule and record["skipped_steps"] == [2]
     assert record["model_calls"] == {"computed": 6, "skipped": 2, "total": 8}
     assert record["block_stack_per_step"][2] == "reused"
-    markdown = "\n".join(publish_module._tier_lines(record))
+    markdown = describe_markdown(_published_at(tmp_path), record)
     assert "teacache: 6/8 model calls computed, 2 skipped" in markdown and "compile warm-up 12.5 s" in markdown
-    assert record["energy"] is None and publish_module._energy_lines(record) == []
+    assert record["energy"] is None and "the GPU drew" not in markdown
 
 
 def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
@@ -125,8 +129,8 @@ def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
     video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
     record = build_record(tiny_run(), denoised, video, "run")
     assert record["energy"] == {"joules": 77040.0, "mean_watts": 687.9, "mean_sm_mhz": 1603, "power_capped": 0.98}
-    assert publish_module._energy_lines(record) == [
-        "- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power limit)"]
+    assert ("\n- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power "
+            "limit)") in describe_markdown(_published_at(tmp_path), record)
 
 
 HOSTILE_PROMPTS = [
