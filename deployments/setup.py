@@ -34,9 +34,9 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.workers.process import ProcessWorker
 
 from deployments.server import DEFAULT_PORT, ensure_server
-from flows.settings import get_settings
 from tasks.allocate import limit_name
 from tasks.gpus import read_gpu_profile
+from tasks.settings import get_settings
 
 log = logging.getLogger(__name__)
 

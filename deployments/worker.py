@@ -20,7 +20,7 @@ import sys
 from deployments.server import configured_api_url
 from deployments.setup import PROJECT_DIR, read_project, work_pool_name
 from deployments.supervisor import Supervisor
-from flows.settings import get_settings
+from tasks.settings import get_settings
 
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
 

@@ -48,11 +48,11 @@ from pydantic import ValidationError
 from flows.generate import generate_video
 from flows.inputs import InputError, confine
 from flows.request import GenerationRequest, describe_error
-from flows.settings import get_settings
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.markdown import literal, literal_cells
-from tasks.pipelines import evict_pipelines
+from tasks.pipelines import process_engines
 from tasks.publish import slugify
+from tasks.settings import get_settings
 
 RECORDS_DIR = "batch-records"
 SCHEDULING_FIELDS = frozenset({"strategy", "gpus_per_job", "gpu_ids"})  # where a video is made, not what it shows
@@ -323,7 +323,7 @@ def batch_generate(manifest: str, defaults: dict[str, Any] | None = None,
         devices = {row.pop("device") for row in done if "device" in row}
         if next_checkpoint != group[0].request.checkpoint:
             for device in devices:
-                evict_pipelines(device)  # the next checkpoint needs the memory
+                process_engines().evict(device)  # the next checkpoint needs the memory
         rows += done
 
     rows.sort(key=lambda row: row["line"])

@@ -24,7 +24,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from flows.request import GenerationRequest, problems
-from flows.settings import get_settings
+from tasks.settings import get_settings
+from wan_engine.sizes import Size
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
 CALIBRATION_PROMPT = "a woman walking along a beach at sunset, waves rolling in, the camera slowly tracking her"
@@ -162,7 +163,8 @@ def _add_engine_commands(commands) -> None:
     calibrate.add_argument("--shift", type=float, help="noise schedule shift (default: the model's)")
     calibrate.add_argument("--solver", choices=("unipc", "dpm++", "euler"), default="unipc")
     calibrate.add_argument("--guide-scale", type=float, help="default: the model's per-expert scales")
-    calibrate.add_argument("--size", help="W*H (default: 832*480 where offered, else the model's first size)")
+    calibrate.add_argument("--size", type=Size.parse,
+                           help="W*H (default: 832*480 where offered, else the model's first size)")
     calibrate.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
@@ -195,11 +197,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = wan_engine.load_pipeline(args.checkpoint, device=device, dtype=engine_dtype(device))
-    if args.size:
-        size = tuple(int(v) for v in args.size.split("*"))
-    else:
-        size = (832, 480) if (832, 480) in pipe.spec.sizes else pipe.spec.sizes[0]
-    print(f"calibrating {pipe.spec.name} from {pipe.checkpoint_dir} on {device}: {size[0]}*{size[1]}, "
+    size = args.size or Size(*((832, 480) if (832, 480) in pipe.spec.sizes else pipe.spec.sizes[0]))
+    print(f"calibrating {pipe.spec.name} from {pipe.checkpoint_dir} on {device}: {size}, "
           f"{args.frames} frames (one full generation)", file=sys.stderr)
     result = calibrate(pipe, args.prompt, args.steps, args.shift, solver=args.solver, size=size,
                        frame_num=args.frames, seed=args.seed, negative_prompt=args.negative_prompt,

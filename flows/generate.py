@@ -15,12 +15,12 @@ from prefect import flow
 from prefect.states import Cancelled, State
 
 from flows.request import GenerationRequest
-from flows.settings import get_settings
 from tasks.allocate import allocate_gpus, hold_gpus
 from tasks.denoise import denoise
 from tasks.encode import encode
 from tasks.gpus import detect_gpus
 from tasks.publish import Published, publish
+from tasks.settings import get_settings
 from tasks.warmup import warm_up_compile
 
 
@@ -34,20 +34,14 @@ def generate_video(request: GenerationRequest) -> Published | State:
                                poll_seconds=settings.gpu_poll_seconds, lease_seconds=settings.gpu_lease_seconds)
     if isinstance(allocation, State):  # the run was cancelled before it had its GPUs
         return Cancelled(message=allocation.message)
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-    where = {"checkpoint": request.checkpoint, "device": allocation.device, "gpus": len(allocation.gpus)}
-    run = {"size": request.size, "frame_count": request.frame_count, "steps": request.steps, "shift": request.shift,
-           "solver": request.solver, "image": request.image, "tier": request.tier,
-           "teacache_threshold": request.teacache_threshold, "step_cache": request.step_cache}
-    with hold_gpus(allocation):
-        warm = warm_up_compile(cache_dir=str(settings.cache_dir), **run, **where)
-        denoised = denoise(prompt=request.prompt, negative_prompt=request.negative_prompt,
-                           guide_scale=request.guide_scale, seed=seed, **run, **where)
+    run = request.describe_run(request.seed if request.seed is not None else secrets.randbelow(2**31), allocation)
+    with hold_gpus(run.allocation):
+        warm = warm_up_compile(run, str(settings.cache_dir))
+        denoised = denoise(run)
         if isinstance(denoised, State):  # the run was cancelled between two steps
             return Cancelled(message=f"cancelled during denoising, GPUs released: {denoised.message}")
-        video = encode(denoised.latents, fps=request.spec.fps, size=request.size,
-                       outputs_dir=str(settings.outputs_dir), **where)
-    return publish(request.model_dump(mode="json"), denoised, video, allocation, str(settings.outputs_dir), warm)
+        video = encode(denoised.latents, run, str(settings.outputs_dir))
+    return publish(run, denoised, video, str(settings.outputs_dir), warm)  # the record holds the GPUs' release
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Every path wanflow reads on a caller's behalf (a request's image and checkpoint folder, a batch
 manifest, LoRA files when they come) goes through `confine`: resolved (symlinks and `..`
 followed, relative paths from the working directory) and accepted only inside one of the roots
-of a setting (flows/settings.py: WAN_INPUT_ROOTS, for checkpoints WAN_CHECKPOINT_ROOT too). A
+of a setting (tasks/settings.py: WAN_INPUT_ROOTS, for checkpoints WAN_CHECKPOINT_ROOT too). A
 path outside is refused with the same message whether or not it exists, so a caller learns
 nothing about the rest of the file system.
 

@@ -22,9 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flows.inputs import InputError, check_image, confine, validate_checkpoint
-from flows.settings import Strategy, Tier, get_settings
+from tasks.allocate import Allocation
 from tasks.gpus import GpuProfile, read_gpu_profile
+from tasks.runs import RunDescription
+from tasks.settings import Strategy, Tier, get_settings
 from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
+from wan_engine.sizes import Size
 
 TaskName = Literal[tuple(MODEL_SPECS)]  # type: ignore[valid-type]
 SizeName = Literal[tuple(dict.fromkeys(s for spec in MODEL_SPECS.values() for s in spec.size_names()))]  # type: ignore[valid-type]
@@ -43,7 +46,7 @@ def release_folder(task: str) -> str:
     return f"Wan2.2-{kind.upper()}-{size}"
 
 
-def duration_range(spec: ModelSpec, size: tuple[int, int], profile: GpuProfile) -> tuple[float, float]:
+def duration_range(spec: ModelSpec, size: Size, profile: GpuProfile) -> tuple[float, float]:
     """Seconds of video a task may generate at `size` on this hardware (DESIGN.md "Durations")."""
     if spec.name in TINY_PRESETS:
         return TINY_DURATION_RANGE
@@ -55,6 +58,9 @@ def duration_range(spec: ModelSpec, size: tuple[int, int], profile: GpuProfile) 
 def _default_task(profile: GpuProfile) -> str:
     settings = get_settings()
     if settings.default_task:
+        if settings.default_task not in MODEL_SPECS:  # settings import no engine code: checked here, where tasks are
+            raise ValueError(f"task: unset, and WAN_DEFAULT_TASK={settings.default_task!r} is not a task; "
+                             f"allowed: {', '.join(MODEL_SPECS)}")
         return settings.default_task
     root = settings.checkpoint_root
     if profile.gpus and not profile.simulated and root and (root / release_folder("t2v-A14B")).is_dir():
@@ -116,9 +122,19 @@ class GenerationRequest(BaseModel):
         return MODEL_SPECS[self.task]
 
     @property
-    def width_height(self) -> tuple[int, int]:
-        w, h = self.size.split("*")
-        return int(w), int(h)
+    def video_size(self) -> Size:
+        """`size` as a Size (the field stays `W*H` text: the UI's dropdown shows it)."""
+        return Size.parse(self.size)
+
+    def describe_run(self, seed: int, allocation: Allocation) -> RunDescription:
+        """The run this validated request becomes with its seed drawn and its GPUs taken: what every task of
+        the GPU phase is handed."""
+        return RunDescription(
+            request=self.model_dump(mode="json"), task=self.task, checkpoint=self.checkpoint, prompt=self.prompt,
+            negative_prompt=self.negative_prompt, image=self.image, size=self.video_size,
+            frame_count=self.frame_count, fps=self.spec.fps, steps=self.steps, shift=self.shift,
+            guide_scale=self.guide_scale, solver=self.solver, seed=seed, tier=self.tier,
+            teacache_threshold=self.teacache_threshold, step_cache=self.step_cache, allocation=allocation)
 
     @model_validator(mode="after")
     def _complete_and_check(self, info: ValidationInfo) -> GenerationRequest:
@@ -158,7 +174,7 @@ class GenerationRequest(BaseModel):
         else:
             frames = self.frame_count or spec.frame_num
             field, value, seconds = "frame_count", frames, (frames - 1) / spec.fps
-        low, high = duration_range(spec, self.width_height, profile)
+        low, high = duration_range(spec, self.video_size, profile)
         if not low - 1e-9 <= seconds <= high + 1e-9:
             hardware = "GPUs with >= 80 GB" if profile.high_vram else "this hardware (no GPU with >= 80 GB)"
             raise ValueError(

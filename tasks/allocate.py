@@ -337,6 +337,9 @@ def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_id
     Returns a Cancelled state, holding nothing, when the run is cancelled before it has its GPUs.
     """
     logger = get_run_logger()
+    if not profile.select(gpu_ids).gpus:  # nothing to hold: nothing to ask the server
+        logger.info("no GPU on this host: the engine runs on the CPU")
+        return Allocation(lease_seconds=lease_seconds)
     flow_run = FlowRunContext.get()
     flow_run_id = flow_run.flow_run.id if flow_run else None
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id) if flow_run_id else None
@@ -356,9 +359,6 @@ def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_id
         except AllocationCancelled as exc:
             logger.info("%s: no GPU taken", exc)
             return Cancelled(message=f"{exc}: no GPU taken")
-        if not allocation.gpus:
-            logger.info("no GPU on this host: the engine runs on the CPU")
-            return allocation
         try:
             logger.info("strategy %s: holding %s after waiting %.1f s", strategy, ", ".join(allocation.tags),
                         allocation.waited_s)

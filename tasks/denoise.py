@@ -31,8 +31,9 @@ from prefect.states import Cancelled, State
 import wan_engine
 from tasks.allocate import gpu_lease_lost
 from tasks.leases import GpuLeaseLost
-from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice
+from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines
 from tasks.power import PowerMeter, PowerReading
+from tasks.runs import RunDescription
 
 CANCEL_CHECK_SECONDS = 2.0
 PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)
@@ -113,13 +114,15 @@ def _step_cache_record(step_cache) -> dict:
 
 
 class _Progress:
-    """Moves the run's progress artifact and logs each step."""
+    """Moves the run's progress artifact (in a flow run: outside one there is no page to show it) and logs
+    each step."""
 
     def __init__(self, total: int, step_cache=None):
         self.total = total
         self.step_cache = step_cache
         self.reused = 0
-        self.artifact_id = create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
+        self.artifact_id = (create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
+                            if FlowRunContext.get() else None)
         self.last_update = time.monotonic()
         self.logger = get_run_logger()
 
@@ -133,7 +136,7 @@ class _Progress:
         self.logger.info("step %d/%d (t=%d, %s expert): %.2f s%s", info.step + 1, info.total, info.timestep,
                          info.expert, info.seconds, note)
         done = info.step + 1 == info.total
-        if done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS:
+        if self.artifact_id and (done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS):
             reused = f", {self.reused} reused the cache" if self.step_cache is not None else ""
             update_progress_artifact(self.artifact_id, 100.0 * (info.step + 1) / info.total,
                                      description=f"denoising: {info.step + 1}/{info.total} steps{reused}")
@@ -163,26 +166,24 @@ class _CancelWatch:
 
 
 @task(name="denoise", retries=0, cache_policy=NO_CACHE)
-def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, image: str | None,
-            size: str, frame_count: int, steps: int, shift: float, guide_scale: float | None,
-            solver: str, seed: int, gpus: int = 1, tier: str = "quality",
-            teacache_threshold: float | None = None, step_cache: str = "teacache") -> Denoised | State:
-    """Encode the prompt and run the sampler under `tier`; returns the clean latents (no VAE decode here)."""
+def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised | State:
+    """Encode the prompt and run the sampler under the run's tier; returns the clean latents (no VAE decode here).
+
+    `engines`: where the pipeline is found (default: this process's engine cache).
+    """
     logger = get_run_logger()
-    w, h = (int(v) for v in size.split("*"))
-    with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
+    engines = engines or process_engines()
+    with out_of_memory_as_advice(run, engines):
         started = time.perf_counter()
-        pipe, handle = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, step_cache=step_cache,
-                                           steps=steps, shift=shift,
-                                           solver=solver)
+        pipe, handle = engines.tiered(run)
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
-        progress = _Progress(steps, handle.step_cache)
+        progress = _Progress(run.steps, handle.step_cache)
         try:
             with PowerMeter(pipe.device) as meter:
-                result = pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=(w, h),
-                                       frame_num=frame_count, steps=steps, shift=shift, guide_scale=guide_scale,
-                                       solver=solver, seed=seed, decode=False, callback=progress,
-                                       should_cancel=_CancelWatch())
+                result = pipe.generate(run.prompt, negative_prompt=run.negative_prompt, image=run.image,
+                                       size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
+                                       guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
+                                       callback=progress, should_cancel=_CancelWatch())
         except wan_engine.GenerationCancelled as exc:
             if gpu_lease_lost():
                 raise GpuLeaseLost(gpu_lease_lost()) from exc
@@ -191,15 +192,15 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
         if count.truncated:
             logger.warning("the %s has %d tokens but the text encoder reads only the first %d: the rest has no "
                            "effect; shorten it", name.replace("_", " "), count.tokens, count.kept)
-    logger.info("denoised %d frames at %s in %.1f s (%s)", frame_count, size, sum(result.step_seconds),
+    logger.info("denoised %d frames at %s in %.1f s (%s)", run.frame_count, run.size, sum(result.step_seconds),
                 ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     cache_record = None
-    computed = {"cond": list(range(steps)), "uncond": list(range(steps))}
+    computed = {"cond": list(range(run.steps)), "uncond": list(range(run.steps))}
     if handle.step_cache is not None:
         cache_record = _step_cache_record(handle.step_cache)
         computed = cache_record["executed_computed_steps"]
         logger.info("tier %s, %s: %d/%d model calls computed, %d skipped; computed steps %s",
-                    tier, cache_record["method"], cache_record["computed"], cache_record["total"],
+                    run.tier, cache_record["method"], cache_record["computed"], cache_record["total"],
                     cache_record["skipped"], cache_record["executed_computed_steps"])
         if not cache_record["matches_schedule"]:
             logger.warning("the model calls computed %s differ from the precomputed schedule %s",
@@ -207,7 +208,7 @@ def denoise(checkpoint: str, device: str, prompt: str, negative_prompt: str, ima
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
                     experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
-                    block_stack=_block_stack_per_step(computed, steps), energy=energy_record(meter.reading),
+                    block_stack=_block_stack_per_step(computed, run.steps), energy=energy_record(meter.reading),
                     prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()})
 
 

@@ -17,7 +17,8 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.pipelines import get_pipeline, out_of_memory_as_advice
+from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines
+from tasks.runs import RunDescription
 from tasks.staging import new_staging_folder
 
 CRF = 18  # visually lossless for generated video; the default 23 blurs fine texture
@@ -68,18 +69,20 @@ def write_staged_mp4(frames: np.ndarray | torch.Tensor, outputs_dir: Path, fps: 
 
 
 @task(name="encode", retries=0, cache_policy=NO_CACHE)
-def encode(latents: torch.Tensor, checkpoint: str, device: str, fps: int, size: str, outputs_dir: str,
-           gpus: int = 1) -> EncodedVideo:
-    """Decode the latents with the pipeline's VAE and encode the frames as an MP4 staged under `outputs_dir`."""
+def encode(latents: torch.Tensor, run: RunDescription, outputs_dir: str,
+           engines: EngineCache | None = None) -> EncodedVideo:
+    """Decode the latents with the run's pipeline's VAE and encode the frames as an MP4 at the run's frame rate,
+    staged under `outputs_dir`. `engines`: where the pipeline is found (default: this process's engine cache)."""
     logger = get_run_logger()
+    engines = engines or process_engines()
     start = time.perf_counter()
-    with out_of_memory_as_advice(device, 4 * (latents.shape[1] - 1) + 1, size, max(gpus, 1)):
-        frames = get_pipeline(checkpoint, device).decode(latents)  # [F, H, W, 3] uint8
+    with out_of_memory_as_advice(run, engines):
+        frames = engines.pipeline(run.checkpoint, run.device).decode(latents)  # [F, H, W, 3] uint8
     decoded = time.perf_counter()
-    path = write_staged_mp4(frames, Path(outputs_dir).resolve(), fps)
+    path = write_staged_mp4(frames, Path(outputs_dir).resolve(), run.fps)
     written = time.perf_counter()
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
     logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s", count, width, height,
-                decoded - start, fps, written - decoded)
-    return EncodedVideo(path=path, frames=count, width=width, height=height, fps=fps,
+                decoded - start, run.fps, written - decoded)
+    return EncodedVideo(path=path, frames=count, width=width, height=height, fps=run.fps,
                         decode_s=decoded - start, write_s=written - decoded)

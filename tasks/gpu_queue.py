@@ -23,11 +23,10 @@ from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from tasks.lockfiles import dead_record, remove_locked, write_locked
-
-Strategy = Literal["auto", "max_speed", "concurrent"]
+from tasks.settings import Strategy
 
 G = TypeVar("G", bound=Hashable)  # a GPU: its index or its tag
 

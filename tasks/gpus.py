@@ -12,17 +12,11 @@ from typing import Literal
 import pynvml
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
+
+from tasks.settings import SimulatedGpu
 
 HIGH_VRAM_BYTES = 80 * 10**9  # "80 GB" cards report 80-86e9 bytes (H100: 81559 MiB)
-
-
-class SimulatedGpu(BaseModel):
-    """A GPU stated instead of detected (`WAN_GPU_INVENTORY`): allocation sees it, CUDA does not."""
-
-    name: str = "Simulated GPU"
-    total_gb: float = Field(24.0, gt=0)
-    compute_capability: tuple[int, int] = (9, 0)
 
 
 class GpuInfo(BaseModel):

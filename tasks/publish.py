@@ -26,10 +26,10 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from tasks.allocate import Allocation
 from tasks.denoise import Denoised
 from tasks.encode import EncodedVideo
 from tasks.markdown import code, literal
+from tasks.runs import RunDescription
 from tasks.staging import STAGING, sweep_dead_staging
 from tasks.warmup import WarmUp
 
@@ -83,9 +83,10 @@ def publish_files(video_path: Path, record: dict, outputs_dir: Path, name: str, 
     return final
 
 
-def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
-                 run_id: str, warm: WarmUp | None = None) -> dict:
+def build_record(run: RunDescription, denoised: Denoised, video: EncodedVideo, run_id: str,
+                 warm: WarmUp | None = None) -> dict:
     """metadata.json: enough to reproduce the video and to see where its time went."""
+    allocation = run.allocation
     timings = dict(denoised.timings)
     if warm is not None and warm.compiled:  # the warm-up loaded the pipeline, then compiled it
         timings["load"] = timings.get("load", 0.0) + warm.load_s
@@ -94,10 +95,10 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
     return {
         "run_id": run_id,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "request": request,
+        "request": run.request,
         "seed": denoised.seed,
         "sampling": denoised.settings,
-        "tier": request.get("tier"),
+        "tier": run.tier,
         "patches": denoised.tier.get("patches", []),
         "compile": warm.record() if warm is not None else None,
         "step_cache": denoised.step_cache,
@@ -121,17 +122,19 @@ def build_record(request: dict, denoised: Denoised, video: EncodedVideo, allocat
 
 
 @task(name="publish", retries=0, cache_policy=NO_CACHE)
-def publish(request: dict, denoised: Denoised, video: EncodedVideo, allocation: Allocation,
-            outputs_dir: str, warm: WarmUp | None = None) -> Published:
-    """Publish the video with its metadata and describe it in Prefect artifacts."""
-    run = FlowRunContext.get()
-    run_id = str(run.flow_run.id) if run else str(uuid.uuid4())
-    name = f"{slugify(request['prompt'])}-{run_id[:8]}"
-    record = build_record(request, denoised, video, allocation, run_id, warm)
+def publish(run: RunDescription, denoised: Denoised, video: EncodedVideo, outputs_dir: str,
+            warm: WarmUp | None = None) -> Published:
+    """Publish the video with its metadata and describe it in Prefect artifacts (after the run's GPUs were
+    released: the record holds when they were)."""
+    flow_run = FlowRunContext.get()
+    run_id = str(flow_run.flow_run.id) if flow_run else str(uuid.uuid4())
+    name = f"{slugify(run.prompt)}-{run_id[:8]}"
+    record = build_record(run, denoised, video, run_id, warm)
     folder = publish_files(video.path, record, Path(outputs_dir).resolve(), name, dt.date.today())
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json",
                           seed=denoised.seed)
-    _describe(published, record)
+    if flow_run:  # the artifacts belong on the run's page; outside a flow run there is none
+        _describe(published, record)
     get_run_logger().info("published %s", published.video)
     return published
 

@@ -19,7 +19,8 @@ from prefect.cache_policies import NO_CACHE
 
 from patches.compile import CACHE_ENV, warm_up
 from patches.tiers import plan_tier
-from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice, tier_options
+from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines, tier_options
+from tasks.runs import RunDescription
 from wan_engine.pipeline import i2v_latent_grid
 
 
@@ -38,36 +39,34 @@ class WarmUp:
 
 
 @task(name="warm-up-compile", retries=0, cache_policy=NO_CACHE)
-def warm_up_compile(tier: str, device: str, cache_dir: str, *, checkpoint: str, size: str, frame_count: int,
-                    steps: int, shift: float, solver: str = "unipc", image: str | None = None,
-                    teacache_threshold: float | None = None, step_cache: str = "teacache",
-                    gpus: int = 1) -> WarmUp:
-    """Compile the tier's blocks at the run's shape; returns what it did and the seconds it took.
+def warm_up_compile(run: RunDescription, cache_dir: str, engines: EngineCache | None = None) -> WarmUp:
+    """Compile the run's tier's blocks at the run's shape; returns what it did and the seconds it took.
 
-    `cache_dir` holds the compiled kernels (`<cache_dir>/inductor`) unless TORCHINDUCTOR_CACHE_DIR is set.
+    `cache_dir` holds the compiled kernels (`<cache_dir>/inductor`) unless TORCHINDUCTOR_CACHE_DIR is set;
+    `engines`: where the pipeline is found (default: this process's engine cache).
     """
     logger = get_run_logger()
+    tier, device, size, frame_count = run.tier, run.device, run.size, run.frame_count
     if tier == "quality":
         detail = "the quality tier runs eager: nothing to compile"
         logger.info("warm-up skipped: %s", detail)
         return WarmUp(tier, False, 0.0, 0.0, detail)
-    options = tier_options(tier, teacache_threshold, step_cache)
+    options = tier_options(tier, run.teacache_threshold, run.step_cache)
     compile_entry = next(p for p in plan_tier(tier, device, options=options) if p.name == "compile")
     if not compile_entry.on:
         detail = f"compile is off on {device}: {compile_entry.detail}"
         logger.info("warm-up skipped for tier %s: %s; the run goes on eager", tier, detail)
         return WarmUp(tier, False, 0.0, 0.0, detail)
 
-    w, h = (int(v) for v in size.split("*"))
-    with out_of_memory_as_advice(device, frame_count, size, max(gpus, 1)):
+    w, h = size
+    engines = engines or process_engines()
+    with out_of_memory_as_advice(run, engines):
         started = time.perf_counter()
-        pipe, _ = get_tiered_pipeline(checkpoint, device, tier, teacache_threshold, step_cache=step_cache,
-                                      steps=steps, shift=shift,
-                                      solver=solver, cache_dir=cache_dir)
+        pipe, _ = engines.tiered(run, cache_dir=cache_dir)
         load_s = time.perf_counter() - started
         latent_hw = None
-        if pipe.spec.task == "i2v" and image is not None:
-            with Image.open(image) as img:  # reads the header only: the size
+        if pipe.spec.task == "i2v" and run.image is not None:
+            with Image.open(run.image) as img:  # reads the header only: the size
                 latent_hw = i2v_latent_grid((img.height, img.width), w * h, pipe.spec.vae_stride[1],
                                             pipe.spec.patch_size[1])
         seconds = warm_up(pipe, (w, h), frame_count, latent_hw=latent_hw)

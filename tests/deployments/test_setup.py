@@ -26,10 +26,10 @@ from deployments.setup import (
 from deployments.worker import worker_command, worker_environment
 from flows.batch import load_manifest
 from flows.cli import main
-from flows.settings import get_settings
 from tasks.allocate import limit_name
 from tasks.gpus import read_gpu_profile
 from tasks.leases import try_acquire
+from tasks.settings import get_settings
 
 
 def test_prefect_yaml_deploys_both_flows_on_one_process_pool():

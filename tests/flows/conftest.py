@@ -3,4 +3,4 @@ from tests.flows.harness import configure_offline_prefect
 
 configure_offline_prefect()
 
-from tests.flows.fixtures import prefect_server, wan_env  # noqa: E402, F401
+from tests.flows.fixtures import fresh_engines, no_prefect_server, prefect_server, wan_env  # noqa: E402, F401

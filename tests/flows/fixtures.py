@@ -5,9 +5,12 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from prefect.logging import disable_run_logger
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.settings import get_settings
+from tasks.pipelines import process_engines
+from tasks.settings import get_settings
 
 _HARNESS: list[ExitStack] = []  # both conftests register this fixture: they must share one server
 
@@ -34,3 +37,22 @@ def wan_env(monkeypatch, tmp_path) -> Path:
     get_settings.cache_clear()
     yield outputs
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def fresh_engines():
+    """This process's engine cache without CPU pipelines before the test and after it: a test that loads a
+    stand-in pipeline leaves it to no other test."""
+    engines = process_engines()
+    engines.evict("cpu")
+    yield engines
+    engines.evict("cpu")
+
+
+@pytest.fixture
+def no_prefect_server():
+    """For calling a task body (`.fn`) as a plain function: no run logger, and a Prefect API that refuses every
+    connection (no embedded server either), so a body that needs a server fails instead of finding one."""
+    unreachable = {PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_SERVER_ALLOW_EPHEMERAL_MODE: False}
+    with temporary_settings(updates=unreachable), disable_run_logger():
+        yield

@@ -22,6 +22,7 @@ from flows.batch import (
     lane_count,
     load_manifest,
     plan_groups,
+    read_manifest,
 )
 from flows.cli import main
 from flows.request import GenerationRequest
@@ -141,7 +142,8 @@ def test_cli_batch_generates_then_skips(prefect_server, wan_env, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env, tmp_path, monkeypatch):
+def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env, tmp_path, monkeypatch,
+                                                          fresh_engines):
     image = tmp_path / "frame.png"
     Image.new("RGB", (64, 64), (180, 60, 40)).save(image)
     manifest = _write(tmp_path / "six.yaml", "\n".join([
@@ -152,7 +154,6 @@ def test_six_entries_complete_then_a_rerun_skips_all_six(prefect_server, wan_env
     ]))
     loads = []
     load_pipeline = pipelines.wan_engine.load_pipeline
-    monkeypatch.setattr(pipelines, "_PIPELINES", {})
     monkeypatch.setattr(pipelines.wan_engine, "load_pipeline",
                         lambda checkpoint, **kw: loads.append(checkpoint) or load_pipeline(checkpoint, **kw))
 
@@ -186,14 +187,23 @@ class _OutOfMemoryPipeline:
 
 
 def test_a_failed_entry_fails_the_batch_after_the_others_with_its_row(prefect_server, wan_env, tmp_path,
-                                                                       monkeypatch, capsys):
+                                                                       monkeypatch, capsys, fresh_engines):
     manifest = _write(tmp_path / "m.yaml", "defaults: {task: tiny, frame_count: 5}\n"
                                            "entries:\n  - prompt: one\n  - prompt: two\n")
-    monkeypatch.setattr(pipelines, "_PIPELINES", {})
-    monkeypatch.setattr(pipelines, "_TIERS", {})
     monkeypatch.setattr(pipelines.wan_engine, "load_pipeline", lambda *a, **k: _OutOfMemoryPipeline())
     assert main(["batch", manifest]) == 1
     out, err = capsys.readouterr()
     assert [line.split()[:3] for line in out.splitlines()] == [["line", "3", "failed"], ["line", "4", "failed"]]
     assert "batch ended failed: 2 of 2 entries did not complete: line 3 (failed), line 4 (failed)" in err
     assert not (wan_env / "batch-records").exists()  # nothing to skip on the next run
+
+
+def test_the_read_manifest_body_validates_every_entry(no_prefect_server, wan_env, tmp_path):
+    manifest = _write(tmp_path / "m.yaml", "defaults: {task: tiny, frame_count: 5}\n"
+                                           "entries:\n  - prompt: one\n  - {prompt: two, seed: 3}\n")
+    entries = read_manifest.fn(manifest)
+    assert [(e.line, e.request.prompt, e.request.frame_count) for e in entries] == [(3, "one", 5), (4, "two", 5)]
+    assert entries[1].request.seed == 3 and entries[0].request.seed is not None  # a seed derived from its key
+    with pytest.raises(ManifestError, match="line 4: frame_count"):
+        read_manifest.fn(_write(tmp_path / "bad.yaml", "defaults: {task: tiny}\nentries:\n  - prompt: one\n"
+                                                       "  - {prompt: two, frame_count: 6}\n"))

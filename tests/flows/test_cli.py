@@ -7,10 +7,10 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-import flows.cli
+import flows.generate
 from flows.cli import main
 from flows.request import GenerationRequest
-from flows.settings import get_settings
+from tasks.settings import get_settings
 
 
 def test_every_request_field_is_a_generate_option(capsys):
@@ -30,7 +30,7 @@ def test_invalid_request_is_refused_before_any_run(wan_env, capsys):
 @pytest.fixture
 def no_run(monkeypatch):
     """Fails the test if the CLI gets as far as starting a run (and with it Prefect)."""
-    monkeypatch.setattr(flows.cli, "_run", lambda *a: pytest.fail("the CLI started a run"))
+    monkeypatch.setattr(flows.generate, "generate_video", lambda *a: pytest.fail("the CLI started a run"))
 
 
 def test_a_bad_checkpoint_or_image_is_one_line_and_exit_2(wan_env, tmp_path, capsys, no_run):

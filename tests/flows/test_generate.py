@@ -24,13 +24,13 @@ from torch._dynamo.utils import counters
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
-from flows.settings import get_settings
 from patches.step_cache import plan_sampling
 from patches.teacache import published_coefficients, teacache_rel_l1, teacache_schedule
 from tasks import denoise as denoise_module
 from tasks import pipelines
 from tasks.allocate import limit_name
 from tasks.denoise import listen_to_steps
+from tasks.settings import get_settings
 
 TASKS = ["detect-gpus", "allocate-gpus", "warm-up-compile", "denoise", "encode", "publish"]
 
@@ -116,7 +116,7 @@ def _out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
 
-def test_out_of_memory_fails_with_next_steps_and_frees_the_gpus(prefect_server, wan_env, monkeypatch):
+def test_out_of_memory_fails_with_next_steps_and_frees_the_gpus(prefect_server, wan_env, monkeypatch, fresh_engines):
     base = _simulate_two_gpus(monkeypatch)
     load_pipeline = pipelines.wan_engine.load_pipeline
 
@@ -125,15 +125,13 @@ def test_out_of_memory_fails_with_next_steps_and_frees_the_gpus(prefect_server, 
         pipe.generate = _out_of_memory
         return pipe
 
-    monkeypatch.setattr(pipelines, "_PIPELINES", {})
-    monkeypatch.setattr(pipelines, "_TIERS", {})
     monkeypatch.setattr(pipelines.wan_engine, "load_pipeline", out_of_memory_pipeline)
     state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="concurrent"), return_state=True)
     assert state.is_failed()
     for advice in ("ran out of memory", "shorter video", "lower resolution", "more GPUs", "offload"):
         assert advice in state.message
     assert _active_slots(base) == [0, 0]
-    assert pipelines._PIPELINES == {} and pipelines._TIERS == {}  # the pipeline's memory was given back too
+    assert not fresh_engines.holds("tiny", "cpu")  # the pipeline's memory was given back too
 
 
 @pytest.mark.parametrize("field, value", [("size", "1280*720"), ("frame_count", 7)])
@@ -173,7 +171,7 @@ def test_speed_tier_skips_the_scheduled_steps_and_records_them(prefect_server, w
     record = json.loads(state.result().metadata.read_text())
 
     # The schedule, computed here from the published figures and the checkpoint's time embedding.
-    pipe = pipelines.get_pipeline("tiny", "cpu")
+    pipe = pipelines.process_engines().pipeline("tiny", "cpu")
     plan = plan_sampling(pipe.spec, request.steps, request.shift, request.solver)
     cache = record["step_cache"]
     expected = teacache_schedule(plan, teacache_rel_l1(pipe.experts, plan, "e0"), 0.25,

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from flows.batch import ManifestError, load_manifest
 from flows.generate import generate_video
 from flows.request import GenerationRequest, problems
-from flows.settings import get_settings
 from tasks.gpus import GpuProfile
+from tasks.settings import get_settings
 
 NO_GPU = GpuProfile(source="none", reason="test")
 ORACLE = Path(__file__).parents[1] / "fixtures" / "oracle"

@@ -70,7 +70,7 @@ def test_every_request_validates_or_names_its_field(wan_env, tmp_path, monkeypat
                 field = line.partition(": ")[0]
                 assert field in FIELDS or field in fields, line
 
-    from flows.settings import get_settings
+    from tasks.settings import get_settings
 
     get_settings.cache_clear()
     check()

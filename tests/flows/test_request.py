@@ -1,6 +1,7 @@
 """GenerationRequest: what a user may ask for, and the messages when they ask for too much."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from pydantic import ValidationError
 
 from flows.request import GenerationRequest, problems
 from tasks.gpus import GpuProfile, SimulatedGpu, read_gpu_profile
+from wan_engine.sizes import Size
 
 NO_GPU = GpuProfile(source="none", reason="test")
 H100S = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 2)
@@ -32,7 +34,7 @@ def test_tiny_request_is_completed_from_the_task_defaults(wan_env):
     request = GenerationRequest.for_hardware(NO_GPU, prompt="a cat", duration_s=2)
     assert (request.task, request.size, request.frame_count, request.steps) == ("tiny", "64*64", 33, 10)
     assert (request.tier, request.strategy, request.checkpoint) == ("quality", "auto", "tiny")
-    assert request.width_height == (64, 64)
+    assert request.video_size == Size(64, 64) and request.video_size.pixels == 64 * 64
 
 
 def test_validated_request_validates_again_unchanged(wan_env):
@@ -94,7 +96,7 @@ def test_checkpoint_folder_must_exist(wan_env, tmp_path):
 
 
 def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch):
-    from flows.settings import get_settings
+    from tasks.settings import get_settings
 
     _release_folder(tmp_path)
     monkeypatch.setenv("WAN_CHECKPOINT_ROOT", str(tmp_path))
@@ -102,6 +104,15 @@ def test_checkpoint_root_gives_the_release_folder(wan_env, tmp_path, monkeypatch
     request = GenerationRequest.for_hardware(NO_GPU, task="t2v-A14B")
     assert request.checkpoint == str(tmp_path / "Wan2.2-T2V-A14B")
     assert request.frame_count == 81 and request.size == "1280*720" and request.steps == 40
+
+
+def test_a_default_task_that_is_no_task_refuses_the_requests_that_fall_back_to_it(wan_env, monkeypatch):
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("WAN_DEFAULT_TASK", "t2v-5B")
+    get_settings.cache_clear()
+    assert "WAN_DEFAULT_TASK='t2v-5B' is not a task; allowed: t2v-A14B" in _error(prompt="a heron")
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny").task == "tiny"  # a request naming its task runs
 
 
 def test_gpu_selection_is_checked_against_the_host(wan_env):
@@ -146,3 +157,15 @@ def test_the_speed_tier_step_cache_is_a_choice():
         GenerationRequest(task="tiny", frame_count=5, step_cache="fastcache")
     enum = GenerationRequest.model_json_schema()["properties"]["step_cache"]["enum"]
     assert enum == ["teacache", "magcache"]
+
+
+def test_a_request_becomes_the_run_description_every_task_is_handed(wan_env):
+    from tasks.allocate import Allocation
+
+    request = GenerationRequest.for_hardware(NO_GPU, task="tiny", prompt="a heron", size="96*64", frame_count=9)
+    run = request.describe_run(11, Allocation())
+    assert run.size == Size(96, 64) and str(run.size) == "96*64" and run.fps == 16 and run.seed == 11
+    assert (run.device, run.gpus, run.checkpoint, run.frame_count) == ("cpu", 1, "tiny", 9)
+    assert run.request == request.model_dump(mode="json") and run.request["seed"] is None  # as it was asked
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.seed = 12

@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -267,3 +268,16 @@ def test_a_cancel_that_lands_while_the_gpus_are_taken_gives_them_back(prefect_se
     assert state.is_cancelled() and "cancelled before its GPU work" in state.message, state
     assert not after_allocation
     assert _active(f"{tag_base}-0") == _active(f"{tag_base}-1") == 0
+
+
+def test_the_allocate_body_holds_nothing_on_a_host_without_gpus_and_asks_no_server(no_prefect_server):
+    allocation = allocate_gpus.fn(read_gpu_profile([]), "auto", "gpu", lease_seconds=90.0)
+    assert (allocation.device, allocation.gpus, allocation.tags, allocation.lease_id) == ("cpu", [], [], None)
+    assert allocation.lease_seconds == 90.0
+    assert allocate_gpus.fn(TWO_GPUS, "max_speed", "gpu", gpu_ids=[7]).gpus == []  # none of the selected GPUs here
+
+
+def test_without_a_server_the_allocate_body_cannot_take_gpus(no_prefect_server):
+    """The check the test above relies on: under `no_prefect_server` a body that asks the server fails."""
+    with pytest.raises(httpx.ConnectError, match="Connection refused"):
+        allocate_gpus.fn(TWO_GPUS, "max_speed", f"g{uuid.uuid4().hex[:8]}")

@@ -16,10 +16,12 @@ import pytest
 import torch
 from prefect.logging import disable_run_logger
 
-from tasks import encode as encode_module
-from tasks.encode import write_mp4, write_staged_mp4
+from tasks.encode import encode, write_mp4, write_staged_mp4
+from tasks.pipelines import EngineCache
 from tasks.publish import publish_files
 from tasks.staging import STAGING
+from tests.tasks.runs import tiny_run
+from wan_engine.sizes import Size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,15 +31,18 @@ import sys
 import numpy as np
 import torch
 from prefect.logging import disable_run_logger
-from tasks import encode as encode_module
+from tasks.encode import encode
+from tasks.pipelines import EngineCache
+from tests.tasks.runs import tiny_run
+from wan_engine.sizes import Size
 
 class NoiseDecoder:
     def decode(self, latents):
         return np.random.default_rng(0).integers(0, 256, (400, 256, 256, 3), dtype=np.uint8)
 
-encode_module.get_pipeline = lambda checkpoint, device: NoiseDecoder()
+engines = EngineCache(load_pipeline=lambda checkpoint, device, dtype: NoiseDecoder())
 with disable_run_logger():
-    encode_module.encode.fn(torch.zeros(16, 100, 32, 32), "tiny", "cpu", 16, "256*256", outputs_dir=sys.argv[1])
+    encode.fn(torch.zeros(16, 100, 32, 32), tiny_run(size=Size(256, 256), frame_count=397), sys.argv[1], engines)
 """
 
 
@@ -84,15 +89,13 @@ def _mode(path: Path) -> int:
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask 022", "umask 027"])
-def test_video_and_metadata_get_the_mode_of_new_files(tmp_path, monkeypatch, umask):
+def test_video_and_metadata_get_the_mode_of_new_files(tmp_path, umask):
     outputs = tmp_path / "outputs"
-    monkeypatch.setattr(encode_module, "get_pipeline", lambda checkpoint, device: _Decoder(
-        np.zeros((5, 48, 80, 3), np.uint8)))
+    engines = EngineCache(load_pipeline=lambda checkpoint, device, dtype: _Decoder(np.zeros((5, 48, 80, 3), np.uint8)))
     previous = os.umask(umask)
     try:
         with disable_run_logger():
-            video = encode_module.encode.fn(torch.zeros(16, 2, 6, 10), "tiny", "cpu", 16, "80*48",
-                                            outputs_dir=str(outputs))
+            video = encode.fn(torch.zeros(16, 2, 6, 10), tiny_run(size=Size(80, 48)), str(outputs), engines)
         folder = publish_files(video.path, {"seed": 1}, outputs.resolve(), "run", dt.date(2026, 3, 14))
     finally:
         os.umask(previous)

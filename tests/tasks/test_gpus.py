@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pynvml
 import pytest
 
-from tasks.gpus import SimulatedGpu, read_gpu_profile
+from tasks.gpus import SimulatedGpu, detect_gpus, read_gpu_profile
 
 GB = 10**9
 
@@ -77,3 +77,9 @@ def test_simulated_inventory():
     assert profile.simulated and profile.count == 2 and profile.high_vram
     assert [g.device for g in profile.gpus] == ["cpu", "cpu"]
     assert [g.index for g in profile.select([1]).gpus] == [1]
+
+
+def test_the_detect_gpus_body_reads_the_inventory_it_is_given(no_prefect_server):
+    profile = detect_gpus.fn([SimulatedGpu(name="L40S", total_gb=48.0), SimulatedGpu()])
+    assert profile.source == "inventory" and [g.name for g in profile.gpus] == ["L40S", "Simulated GPU"]
+    assert [g.device for g in profile.gpus] == ["cpu", "cpu"]  # simulated GPUs have no CUDA device

@@ -19,12 +19,12 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
-from flows.settings import get_settings
 from tasks import allocate
 from tasks.allocate import acquire_gpus, gpu_lease_lost, hold_gpus, release_gpus
 from tasks.denoise import listen_to_steps
 from tasks.gpus import SimulatedGpu, read_gpu_profile
 from tasks.leases import GpuLeaseLost, Reaped, limit_name, lock_dir, reap_dead_leases, try_acquire
+from tasks.settings import get_settings
 
 ONE_GPU = read_gpu_profile([SimulatedGpu()])
 

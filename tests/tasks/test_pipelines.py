@@ -1,13 +1,17 @@
-"""The per-process pipeline cache: one copy of the weights, the requested tier applied in place,
-each run's step cache prepared for that run."""
+"""The engine cache: one copy of the weights per process, the requested tier applied in place, each run's
+step cache prepared for that run, and a CUDA out-of-memory error turned into next steps."""
 from __future__ import annotations
 
 import os
 
+import pytest
+import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from patches.compile import CACHE_ENV
-from tasks.pipelines import get_tiered_pipeline
+from tasks.pipelines import EngineCache, GpuOutOfMemory, out_of_memory_as_advice, process_engines, tier_options
+from tests.tasks.runs import tiny_run
+from wan_engine.sizes import Size
 
 
 def _generate(pipe, steps: int):
@@ -15,41 +19,41 @@ def _generate(pipe, steps: int):
 
 
 def test_the_cached_pipeline_changes_tier_in_place():
-    pipe, speed = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=10)
+    engines = process_engines()
+    pipe, speed = engines.tiered(tiny_run(tier="speed", steps=10))
     assert pipe.block_stack_hook is speed.step_cache and speed.tier == "speed"
 
-    same, again = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=6)
+    same, again = engines.tiered(tiny_run(tier="speed", steps=6))
     assert (same, again) == (pipe, speed)  # kept applied; the schedule follows the run's settings
     assert speed.step_cache.schedule.plan.steps == 6
 
-    _, stricter = get_tiered_pipeline("tiny", "cpu", "speed", 0.4)
+    _, stricter = engines.tiered(tiny_run(tier="speed", teacache_threshold=0.4))
     assert stricter is not speed and not speed.active  # another threshold: the old cache is removed first
     assert stricter.step_cache.metadata()["settings"]["threshold"] == 0.4
 
-    _, balanced = get_tiered_pipeline("tiny", "cpu", "balanced", 0.4)
-    assert get_tiered_pipeline("tiny", "cpu", "balanced", 0.1)[1] is balanced  # the threshold is speed's only
+    _, balanced = engines.tiered(tiny_run(tier="balanced", teacache_threshold=0.4))
+    assert engines.tiered(tiny_run(tier="balanced", teacache_threshold=0.1))[1] is balanced  # speed's option only
     assert pipe.block_stack_hook is None and balanced.step_cache is None  # MagCache is for I2V
 
-    _, quality = get_tiered_pipeline("tiny", "cpu", "quality")
+    _, quality = engines.tiered(tiny_run())
     assert not balanced.active and [p.name for p in quality.plan] == ["precision", "attention", "resident"]
 
 
 def test_a_reused_step_cache_starts_each_run_clean():
-    pipe, handle = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=7)
+    engines = process_engines()
+    pipe, handle = engines.tiered(tiny_run(tier="speed", steps=7))
     _generate(pipe, 7)
-    _, again = get_tiered_pipeline("tiny", "cpu", "speed", 0.25, steps=6)
+    _, again = engines.tiered(tiny_run(tier="speed", steps=6))
     assert again is handle
     _generate(pipe, 6)
     cache = handle.step_cache
     assert [c.step for c in cache.calls] == list(range(6))  # only this run's calls
     executed = [c.step for c in cache.calls if c.computed]
     assert executed == cache.computed_steps["cond"] == cache.computed_steps["uncond"]
-    get_tiered_pipeline("tiny", "cpu", "quality")
+    engines.tiered(tiny_run())
 
 
 def test_the_speed_tier_runs_the_requested_step_cache():
-    from tasks.pipelines import tier_options
-
     assert tier_options("speed", 0.3).step_cache == "teacache" and tier_options("speed", 0.3).threshold == 0.3
     magcache = tier_options("speed", 0.3, "magcache")
     assert magcache.step_cache == "magcache" and magcache.threshold is None   # its published schedule
@@ -59,10 +63,36 @@ def test_the_speed_tier_runs_the_requested_step_cache():
 def test_the_flow_cache_dir_wins_over_torchs_default(tmp_path, monkeypatch):
     """Importing torch._dynamo puts torch's own default into TORCHINDUCTOR_CACHE_DIR; that is not a user's
     choice, so compiled kernels still go under the flow's cache dir, while a user's own choice stays."""
+    engines = process_engines()
     monkeypatch.setenv(CACHE_ENV, default_cache_dir())
-    get_tiered_pipeline("tiny", "cpu", "balanced", cache_dir=tmp_path)
+    engines.tiered(tiny_run(tier="balanced"), cache_dir=tmp_path)
     assert os.environ[CACHE_ENV] == str(tmp_path / "inductor")
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
-    get_tiered_pipeline("tiny", "cpu", "speed", cache_dir=tmp_path)
+    engines.tiered(tiny_run(tier="speed"), cache_dir=tmp_path)
     assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
+    engines.tiered(tiny_run())
+
+
+def test_a_pipeline_is_loaded_once_per_checkpoint_and_device_and_evicted_on_request():
+    loads = []
+    engines = EngineCache(load_pipeline=lambda checkpoint, device, dtype: loads.append((checkpoint, device, dtype))
+                          or object())
+    first = engines.pipeline("tiny", "cpu")
+    assert engines.pipeline("tiny", "cpu") is first and loads == [("tiny", "cpu", torch.float32)]
+    assert engines.holds("tiny", "cpu") and not engines.holds("tiny-i2v", "cpu")
+    engines.evict("cpu")
+    assert not engines.holds("tiny", "cpu")
+    assert engines.pipeline("tiny", "cpu") is not first and len(loads) == 2
+
+
+def test_out_of_memory_becomes_next_steps_and_frees_the_device():
+    engines = EngineCache(load_pipeline=lambda checkpoint, device, dtype: object())
+    engines.pipeline("tiny", "cpu")
+    run = tiny_run(size=Size(1280, 720), frame_count=81)
+    with pytest.raises(GpuOutOfMemory) as raised, out_of_memory_as_advice(run, engines):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    message = str(raised.value)
+    assert "generating 81 frames at 1280*720 on 1 GPU(s)" in message and "frame_count=41" in message
+    assert "(832*480)" in message and "gpus_per_job=2" in message and "released" in message
+    assert not engines.holds("tiny", "cpu")

@@ -13,10 +13,11 @@ from tasks.allocate import Allocation
 from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
 from tasks.power import PowerReading
-from tasks.publish import Published, build_record, describe_markdown, publish_files, slugify
+from tasks.publish import Published, build_record, describe_markdown, publish, publish_files, slugify
 from tasks.staging import STAGING, host_id, new_staging_folder, process_start
 from tasks.warmup import WarmUp
 from tests.tasks.rendering import render
+from tests.tasks.runs import tiny_run
 
 DAY = dt.date(2026, 3, 14)
 
@@ -96,6 +97,10 @@ def test_slugify():
     assert len(slugify("x" * 100)) == 40
 
 
+def _published_at(folder) -> Published:
+    return Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json", seed=4)
+
+
 def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
     schedule = {"method": "teacache", "computed_steps": {"cond": [0, 1, 3], "uncond": [0, 1, 3]},
                 "skipped_steps": {"cond": [2], "uncond": [2]}, "computed": 6, "skipped": 2, "total": 8}
@@ -105,16 +110,16 @@ def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
                         step_cache=schedule, block_stack=["computed", "computed", "reused", "computed"])
     video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
     warm = WarmUp("speed", True, 12.5, 3.0, "torch.compile (inductor) of the repeated blocks")
-    record = build_record({"tier": "speed", "prompt": "p"}, denoised, video, Allocation(), "run", warm)
+    record = build_record(tiny_run(tier="speed"), denoised, video, "run", warm)
     assert record["tier"] == "speed" and record["patches"] == denoised.tier["patches"]
     assert record["compile"] == {"compiled": True, "seconds": 12.5, "detail": warm.detail}
     assert record["timings_s"]["compile_warm_up"] == 12.5 and record["timings_s"]["load"] == 4.0
     assert record["step_cache"] == schedule and record["skipped_steps"] == [2]
     assert record["model_calls"] == {"computed": 6, "skipped": 2, "total": 8}
     assert record["block_stack_per_step"][2] == "reused"
-    markdown = "\n".join(publish_module._tier_lines(record))
+    markdown = describe_markdown(_published_at(tmp_path), record)
     assert "teacache: 6/8 model calls computed, 2 skipped" in markdown and "compile warm-up 12.5 s" in markdown
-    assert record["energy"] is None and publish_module._energy_lines(record) == []
+    assert record["energy"] is None and "the GPU drew" not in markdown
 
 
 def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
@@ -122,10 +127,10 @@ def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
     denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 1.0},
                         step_seconds=[0.5] * 4, energy=energy_record(reading))
     video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
-    record = build_record({"tier": "quality", "prompt": "p"}, denoised, video, Allocation(), "run")
+    record = build_record(tiny_run(), denoised, video, "run")
     assert record["energy"] == {"joules": 77040.0, "mean_watts": 687.9, "mean_sm_mhz": 1603, "power_capped": 0.98}
-    assert publish_module._energy_lines(record) == [
-        "- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power limit)"]
+    assert ("\n- the GPU drew 77.0 kJ while denoising (688 W mean, SM clock 1,603 MHz, 98% of the time at its power "
+            "limit)") in describe_markdown(_published_at(tmp_path), record)
 
 
 HOSTILE_PROMPTS = [
@@ -145,11 +150,10 @@ def _published(outputs, prompt: str) -> tuple[Published, dict]:
     denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 2}, timings={"load": 1.0},
                         step_seconds=[0.5, 0.5], block_stack=["computed", "computed"])
     video = EncodedVideo(outputs / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
-    request = {"task": "tiny", "prompt": prompt, "negative_prompt": prompt, "steps": 2, "solver": "unipc",
-               "tier": "quality"}
+    run = tiny_run(prompt=prompt, negative_prompt=prompt, steps=2)
     folder = outputs / "2026-03-14" / "run"
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json", seed=4)
-    return published, build_record(request, denoised, video, Allocation(), "run")
+    return published, build_record(run, denoised, video, "run")
 
 
 @pytest.mark.parametrize("prompt", HOSTILE_PROMPTS)
@@ -160,3 +164,20 @@ def test_a_hostile_prompt_shows_as_literal_text_in_the_markdown_artifact(tmp_pat
     assert set(rendered.tags) <= {"h1", "ul", "li", "code"} and rendered.attributes == []
     assert rendered.text["h1"] == f"tiny: {' '.join(prompt[:80].split())}"
     assert rendered.text["code"] == str(published.video)
+
+
+def test_the_publish_body_files_the_video_with_the_record_of_its_run(tmp_path, no_prefect_server):
+    outputs = tmp_path / "outputs"
+    allocation = Allocation(waited_s=1.5, acquired_unix=100.0, released_unix=160.0)
+    run = tiny_run(seed=9, allocation=allocation)
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=9, settings={"steps": 4}, timings={"load": 1.0},
+                        step_seconds=[0.5] * 4, block_stack=["computed"] * 4)
+    video = EncodedVideo(_video(outputs), frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    published = publish.fn(run, denoised, video, str(outputs))
+    assert published.folder.parent.parent == outputs.resolve() and published.video.is_file()
+    assert published.folder.name.startswith("a-heron-in-the-reeds-") and published.seed == 9
+    record = json.loads(published.metadata.read_text())
+    assert record["request"] == run.request and (record["seed"], record["tier"]) == (9, "quality")
+    assert (record["device"], record["gpus"], record["gpu_wait_s"]) == ("cpu", [], 1.5)
+    assert record["gpu_hold"] == {"acquired_unix": 100.0, "released_unix": 160.0}
+    assert list((outputs / STAGING).iterdir()) == []  # the staged video was renamed into place

@@ -4,6 +4,11 @@ Read from `WAN_*` environment variables and a `.env` file in the working directo
 own `PREFECT_*` settings are left to Prefect. Build them with `get_settings()` (cached, so
 tests can clear it) rather than a module-level singleton.
 
+This module imports no other project module, so that tasks/, flows/ and deployments/ all read
+it without any package importing one above it; the types a setting needs (the GPU strategies,
+the tiers, a simulated GPU) are defined here. That WAN_DEFAULT_TASK names a task is checked
+where tasks are known (flows/request.py), the first time a request falls back to it.
+
 The roots confine what a request may read (flows/inputs.py): input images, manifests and LoRA
 files must lie inside one of `WAN_INPUT_ROOTS` (default: the working directory), checkpoint
 folders inside `WAN_CHECKPOINT_ROOT` or one of the input roots, after symlinks and `..` are
@@ -17,13 +22,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from tasks.allocate import Strategy
-from tasks.gpus import SimulatedGpu
-
+Strategy = Literal["auto", "max_speed", "concurrent"]  # how runs share the GPUs (tasks/gpu_queue.py)
 Tier = Literal["quality", "balanced", "speed"]
+
+
+class SimulatedGpu(BaseModel):
+    """A GPU stated instead of detected (`WAN_GPU_INVENTORY`): allocation sees it, CUDA does not."""
+
+    name: str = "Simulated GPU"
+    total_gb: float = Field(24.0, gt=0)
+    compute_capability: tuple[int, int] = (9, 0)
 
 
 class Settings(BaseSettings):
@@ -73,15 +84,6 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part for part in text.split(os.pathsep) if part.strip()]
-        return value
-
-    @field_validator("default_task")
-    @classmethod
-    def _known_task(cls, value: str | None) -> str | None:
-        from wan_engine.configs import MODEL_SPECS
-
-        if value is not None and value not in MODEL_SPECS:
-            raise ValueError(f"WAN_DEFAULT_TASK={value!r} is not a task; allowed: {', '.join(MODEL_SPECS)}")
         return value
 
     @property

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.settings import Settings
+from tasks.settings import Settings
 
 
 def test_defaults_without_configuration(wan_env, monkeypatch):
@@ -29,10 +29,6 @@ def test_environment_and_dotenv(wan_env, monkeypatch):
 
 
 def test_bad_values_fail_fast(wan_env, monkeypatch):
-    monkeypatch.setenv("WAN_DEFAULT_TASK", "t2v-5B")
-    with pytest.raises(ValidationError, match="WAN_DEFAULT_TASK='t2v-5B' is not a task"):
-        Settings()
-    monkeypatch.delenv("WAN_DEFAULT_TASK")
     monkeypatch.setenv("WAN_DEFAULT_STRATEGY", "fastest")
     with pytest.raises(ValidationError, match="default_strategy"):
         Settings()
