@@ -17,7 +17,6 @@ MagCache that balanced applies to I2V.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,8 +33,6 @@ log = logging.getLogger(__name__)
 
 TIERS = ("quality", "balanced", "speed")
 STEP_CACHES = ("teacache", "magcache")
-_CACHE_API = {"teacache": ("patches.teacache", "apply_teacache", "TeaCacheConfig", "TeaCache"),
-              "magcache": ("patches.magcache", "apply_magcache", "MagCacheConfig", "MagCache")}
 
 
 @dataclass(frozen=True)
@@ -63,16 +60,18 @@ class PlannedPatch:
 
 
 def _step_cache(name: str, threshold: float | None, sampling: dict) -> PlannedPatch:
-    module_name, apply_name, config_name, title = _CACHE_API[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        return PlannedPatch(name, False, f"{title} unavailable ({exc})")
-    config_cls = getattr(module, config_name)
+    """The planned step cache `name`, its module imported here (only tiers that use one pay for it)."""
+    if name == "teacache":
+        from .teacache import TeaCacheConfig as config_cls
+        from .teacache import apply_teacache as apply
+        title = "TeaCache"
+    else:
+        from .magcache import MagCacheConfig as config_cls
+        from .magcache import apply_magcache as apply
+        title = "MagCache"
     cfg = config_cls() if threshold is None else config_cls(threshold=threshold)
-    shown = getattr(cfg, "threshold", None)
-    detail = f"{title}, threshold {'published default' if shown is None else shown}"
-    return PlannedPatch(name, True, detail, lambda pipe: getattr(module, apply_name)(pipe, cfg, **sampling))
+    detail = f"{title}, threshold {'published default' if cfg.threshold is None else cfg.threshold}"
+    return PlannedPatch(name, True, detail, lambda pipe: apply(pipe, cfg, **sampling))
 
 
 def _residency(pipe, device: torch.device) -> PlannedPatch:
