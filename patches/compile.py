@@ -30,8 +30,8 @@ Inductor's caches go under `TORCHINDUCTOR_CACHE_DIR`: a user's own value wins; o
 `$WAN_CACHE_DIR/inductor` or `~/.cache/wanflow/inductor`. `remove()` puts every block's
 `_compiled_call_impl` back, so the blocks run eager again, bit-identical.
 
-`warm_up(pipe, size, frames)` runs one forward per expert at the run's shape so the compile (or the
-artifact load) happens before the run's timed steps (the flow's warm-up-compile task).
+`warm_up(pipe, plan)` runs the engine's own step once per expert of a run's plan, so the compile (or
+the artifact load) happens before the run's timed steps (the flow's warm-up-compile task).
 """
 from __future__ import annotations
 
@@ -414,40 +414,27 @@ def apply_compile(pipe, cfg: CompileConfig | None = None) -> CompileHandle:
 
 
 @torch.no_grad()
-def warm_up(pipe, size: tuple[int, int], frames: int, batch: int | None = None,
-            latent_hw: tuple[int, int] | None = None) -> float:
-    """One forward per expert at the run's shape (size (W, H), `frames` video frames, `batch` rows per
-    DiT call; None: what the loop will use, 2 when cond and uncond run as one batch), so compilation
-    happens now. Returns the seconds spent. I2V takes its latent grid from the image's aspect ratio:
-    pass it as `latent_hw` (`wan_engine.pipeline.i2v_latent_grid`), or the run compiles its own shape.
+def warm_up(pipe, plan) -> float:
+    """Run the engine's own step at the first step of each expert of `plan` (a `RunPlan`: its latent grid,
+    CFG batching and experts), so compilation happens now, at the run's exact shapes. The inputs are
+    zeros (the compiled code depends on shapes, not values). Returns the seconds spent.
 
     Experts not on the device (memory plan: swapped) are skipped when another one is: compiled code
     is shared by shape, so one warmed expert covers both."""
-    spec = pipe.spec
-    w, h = size
-    lat_h, lat_w = latent_hw or (h // spec.vae_stride[1], w // spec.vae_stride[2])
-    grid = ((frames - 1) // spec.vae_stride[0] + 1, lat_h, lat_w)
-    pf, ph, pw = spec.patch_size
-    tokens = grid[0] // pf * (grid[1] // ph) * (grid[2] // pw)
-    if batch is None:
-        batch = 2 if pipe.batch_cfg(tokens) else 1
-    resident = {n: d for n, d in pipe.experts.items() if next(d.parameters()).device.type == pipe.device.type}
-    if not resident:   # nothing on the device yet: warm the expert the loop starts with
-        name, dit = next(iter(pipe.experts.items()))
-        resident = {name: dit.to(pipe.device)}
+    on_device = {n for n, d in pipe.experts.items() if next(d.parameters()).device.type == pipe.device.type}
+    starts = sorted(plan.steps.phase_starts)
+    steps = [i for i in starts if plan.steps.experts[i] in on_device] or starts[:1]
+    cfg = next(iter(pipe.experts.values())).config
+    extra = cfg.in_dim - pipe.spec.z_dim
+    y = torch.zeros(1, extra, *plan.grid.shape, device=pipe.device) if extra else None   # [1, C_y, f, h, w]
+    context = torch.zeros(len(plan.branches), 1, cfg.text_dim, device=pipe.device, dtype=pipe.dtype)  # [B, 1, C]
     start = time.perf_counter()
-    for name, dit in resident.items():
-        cfg = dit.config
-        t0 = time.perf_counter()
-        x = torch.zeros(batch, spec.z_dim, *grid, device=pipe.device)  # [B, z, f, h, w]
-        extra = cfg.in_dim - spec.z_dim
-        y = torch.zeros(batch, extra, *grid, device=pipe.device) if extra else None  # [B, C_y, f, h, w]
-        # TI2V conditions each token on its own timestep: the blocks then see per-token modulation
-        t = torch.full((batch, tokens) if cfg.model_type == "ti2v" else (batch,), 999, device=pipe.device)
-        context = torch.zeros(batch, 1, cfg.text_dim, device=pipe.device, dtype=pipe.dtype)  # [B, 1, text_dim]
-        dit(x, t, context, y=y)
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize(pipe.device)
-        log.info("warm-up forward of %s at %dx%d, %d frames, batch %d: %.1f s", name, w, h, frames, batch,
-                 time.perf_counter() - t0)
+    with pipe.running(plan):
+        for i in steps:
+            t0 = time.perf_counter()
+            pipe.predict(plan, i, plan.noise[None], context, y)
+            if pipe.device.type == "cuda":
+                torch.cuda.synchronize(pipe.device)
+            log.info("warm-up step of %s at %dx%d, %d frames, CFG %s: %.1f s", plan.steps.experts[i],
+                     *plan.pixel_size, plan.frame_num, plan.cfg, time.perf_counter() - t0)
     return time.perf_counter() - start

@@ -114,7 +114,7 @@ def test_a_new_signature_or_attention_backend_compiles_anew_and_a_rejected_artif
     with apply_compile(pipe, CompileConfig(backend="aot_eager")) as handle:
         generate(pipe)   # batch 2 (cond and uncond as one batch)
         (batch2,) = artifacts()
-        warm_up(pipe, (64, 64), 5, batch=1)
+        warm_up(pipe, pipe.plan(size=(64, 64), frame_num=5, cfg="sequential"))   # batch 1
         (batch1,) = set(artifacts()) - {batch2}
         assert handle.precompiled.events == {"saved": 2}
 
@@ -181,7 +181,7 @@ def test_warm_up_compiles_one_graph_for_every_block_of_both_experts(pipe):
     backend = CountingBackend()
     torch.compiler.reset()
     with apply_compile(pipe, CompileConfig(backend=backend)):
-        seconds = warm_up(pipe, (64, 64), 5)
+        seconds = warm_up(pipe, pipe.plan(size=(64, 64), frame_num=5, steps=2))
         assert seconds > 0 and backend.graphs == 1
         generate(pipe)  # the run at the warmed shape compiles nothing more
         assert backend.graphs == 1
