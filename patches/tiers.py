@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wan_engine import WanPipeline
+
 from .attention import AttentionConfig, apply_attention, fa4_status
 from .base import Handle, PatchStack
 from .compile import CompileConfig, apply_compile, compile_status
@@ -115,7 +117,7 @@ def plan_tier(tier: str, device: torch.device | str, task: str | None = None, op
     plan.append(PlannedPatch("compile", on, why,
                              (lambda p: apply_compile(p, compile_cfg)) if on else None))
     on, why = vae_decode_status(device)
-    if on and pipe is not None and pipe.vae is None:   # a DiT-only pipeline (wanflow bench)
+    if on and pipe is not None and not isinstance(pipe, WanPipeline):   # a bare Denoiser (wanflow bench)
         on, why = False, "this pipeline has no VAE"
     plan.append(PlannedPatch("vae_decode", on, why, apply_vae_decode if on else None))
     if tier == "speed":
