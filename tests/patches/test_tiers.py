@@ -8,6 +8,7 @@ import patches.tiers as tiers
 from patches.base import PatchHandle
 from patches.tiers import TierOptions, apply_tier, describe_tiers, format_tiers
 from tests.patches import generate
+from wan_engine import Denoiser
 
 
 def entries(plan) -> dict:
@@ -59,13 +60,14 @@ def test_patches_apply_in_order_and_remove_last_first(pipe, monkeypatch):
 
 
 def test_vae_decode_is_off_for_a_pipeline_without_vae(pipe, monkeypatch):
-    """`wanflow bench` holds DiTs only: a compiled tier must still apply there (the VAE patch is off)."""
+    """`wanflow bench` holds a bare Denoiser: a compiled tier must still apply there (the VAE patch is off)."""
     monkeypatch.setattr(tiers, "vae_decode_status", lambda device: (True, "test"))
-    monkeypatch.setattr(pipe, "vae", None)
-    entry = next(p for p in tiers.plan_tier("balanced", pipe.device, pipe=pipe) if p.name == "vae_decode")
+    denoiser = Denoiser(pipe.spec, pipe.experts, pipe.device, pipe.dtype, pipe.memory)
+    entry = next(p for p in tiers.plan_tier("balanced", pipe.device, pipe=denoiser) if p.name == "vae_decode")
     assert (entry.on, entry.detail) == (False, "this pipeline has no VAE")
-    handle = apply_tier(pipe, "balanced", TierOptions(compile_backend="eager"))
+    handle = apply_tier(denoiser, "balanced", TierOptions(compile_backend="eager"))
     handle.remove()
+
 
 @pytest.mark.parametrize("tier", ["quality", "balanced", "speed"])
 def test_apply_then_remove_is_bit_identical(pipe, reference, tier):
