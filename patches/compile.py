@@ -14,7 +14,7 @@ compiles from the actual call's arguments and saves the artifact (temporary file
 concurrent reader never sees half a file). The file name is a hash of everything the compiled code
 depends on: torch version, device (CUDA capability or CPU), the block's parameters (names, shapes,
 dtypes), the call signature (shapes, strides, dtypes, devices, grad mode), the compile settings, the
-attention backend installed in the block, the kernel and precision switches, and the source of the
+attention backend installed in the block, the block's Triton option, the precision switches, and the source of the
 engine's block and kernel files and of the attention backend, so a code change compiles anew.
 
 A file that does not load (corrupt, another torch or GPU, or its guards reject the call) is compiled
@@ -41,7 +41,6 @@ import inspect
 import json
 import logging
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -159,7 +158,6 @@ def _artifact_name(block: torch.nn.Module, args: tuple, kwargs: dict, cfg: Compi
         device_tag = f"cuda-sm{major}{minor}"
     else:
         device_tag = device.type
-    engine = sys.modules[type(block).__module__]
     sources = hashlib.sha256()
     for path in _source_files(block, attention_fns):
         sources.update(path.name.encode() + path.read_bytes())
@@ -175,9 +173,8 @@ def _artifact_name(block: torch.nn.Module, args: tuple, kwargs: dict, cfg: Compi
         "compile": [cfg.backend, cfg.mode],
         "attention": [f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
                       for fn in attention_fns],
-        # The engine's switch for its hand-written kernels: a global that tracing reads but that the
-        # guards kept in an artifact do not check (global guards are dropped when saving).
-        "triton_kernels": getattr(engine, "triton_kernels", None) is not None,
+        # The block's option for the engine's hand-written kernels: tracing reads it, so it is in the key.
+        "triton": getattr(block, "triton", None),
         "precision": [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
                       torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
                       torch.get_num_threads()],
@@ -210,7 +207,8 @@ class _Precompiled:
             # What may change between calls of one process; everything else is fixed while applied.
             # The parameter stands for the block's dtype and device (a pipe.to() moves all of them).
             key = (type(block), _meta(args), tuple((k, _meta(v)) for k, v in kwargs.items()),
-                   torch.is_grad_enabled(), param.dtype, param.device, tuple(getattr(m, SEAM) for m in attention))
+                   torch.is_grad_enabled(), param.dtype, param.device, tuple(getattr(m, SEAM) for m in attention),
+                   getattr(block, "triton", None))
             fn = self.fns.get(key)
             if fn is None:
                 fn = self._obtain(block, args, kwargs, [getattr(m, SEAM) for m in attention])
