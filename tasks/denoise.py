@@ -29,10 +29,10 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 import wan_engine
+from patches.power import PowerMeter, PowerReading
 from tasks.allocate import gpu_lease_lost
 from tasks.leases import GpuLeaseLost
 from tasks.pipelines import get_tiered_pipeline, out_of_memory_as_advice
-from tasks.power import PowerMeter, PowerReading
 
 CANCEL_CHECK_SECONDS = 2.0
 PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)

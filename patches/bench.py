@@ -5,7 +5,7 @@ filled with random weights directly on the device, so no checkpoint is needed. F
 reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
 forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
 through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memory, the card's energy
-per forward with mean power and SM clock (NVML, tasks.power: at the power cap time follows energy),
+per forward with mean power and SM clock (NVML, patches.power: at the power cap time follows energy),
 and for compiled tiers the compile overhead (first call minus a steady forward) cold (fresh inductor
 cache) and warm (a second process finding that cache on disk: this module re-runs itself as a
 subprocess).
@@ -18,7 +18,7 @@ compiled tier obtained its code: cold (compiled, artifact saved) in the parent, 
 precompiled artifact loaded, or torch.compile with an FX-cache hit, or cold (see patches.compile).
 
     wanflow bench --model t2v-A14B --size 832*480 --frames 81 --tiers quality,balanced
-    python -m flows.bench --model tiny
+    python -m patches.bench --model tiny
 """
 from __future__ import annotations
 
@@ -39,12 +39,13 @@ from pathlib import Path
 
 import torch
 
-from patches.tiers import TIERS, TierOptions, apply_tier, plan_tier
-from tasks.power import PowerMeter, PowerReading
 from wan_engine import MODEL_SPECS, Denoiser, ModelSpec
 from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
 from wan_engine.tiny import TINY_DIT, random_dit
+
+from .power import PowerMeter, PowerReading
+from .tiers import TIERS, TierOptions, apply_tier, plan_tier
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +324,7 @@ def _child_measurement(model: str, size: tuple[int, int], frames: int, tier: str
     `cache_dir` on disk."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "flows.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
+    cmd = [sys.executable, "-m", "patches.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
            "--frames", str(frames), "--tiers", tier, "--device", str(device), "--attention", options.attention,
            "--compile-backend", options.compile_backend]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -386,7 +387,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench's options, for `wanflow bench` (flows/cli.py) and `python -m flows.bench`."""
+    """The bench's options, for `wanflow bench` (flows/cli.py) and `python -m patches.bench`."""
     parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="t2v-A14B")
     parser.add_argument("--size", help="W*H (default: the model's usual size)")
     parser.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's usual count)")
