@@ -19,7 +19,7 @@ by every model (same tensors, no second copy). In one process, on one card:
   at the FA4 rate measured at the same shape.
 Prints each model's first-call and median forward time (after the first call), peak memory, its
 ratios to the official, diffusers and the floor, and its relative error against the official output;
-then each model's energy per forward, mean power and SM clock (NVML, tasks.power) beside the
+then each model's energy per forward, mean power and SM clock (NVML, patches.power) beside the
 sustained floor (the two rates held for a forward's length, when the card sits at its power limit).
 
     python benchmarks/dit_vs_official.py --size 832*480 --frames 81
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 
-from tasks.power import PowerMeter, PowerReading  # noqa: E402
+from patches.power import PowerMeter, PowerReading  # noqa: E402
 from wan_engine.dit import DiTConfig  # noqa: E402
 from wan_engine.tiny import random_dit  # noqa: E402
 

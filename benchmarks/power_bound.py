@@ -1,6 +1,6 @@
 """Is a sustained A14B forward bound by the card's power limit? Clock, power and energy per kernel and per variant.
 
-On one GPU, in one run, each row timed with CUDA events and read with NVML (tasks.power: energy,
+On one GPU, in one run, each row timed with CUDA events and read with NVML (patches.power: energy,
 mean power, mean SM clock, share of the time the power cap held the clock down):
 - an 8192^3 bf16 GEMM in a burst (10 calls) and held for 3 s: how far the clock falls at the cap;
 - the block's GEMMs at M = L, held about 1.5 s each, through every backend at hand: cuBLAS (torch's
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from profile_dit import A14B, build, cuda_time, forward_inputs  # noqa: E402
 from torch.library import wrap_triton  # noqa: E402
 
-from tasks.power import PowerMeter  # noqa: E402
+from patches.power import PowerMeter  # noqa: E402
 from wan_engine import dit as dit_module  # noqa: E402
 from wan_engine import triton_kernels as K  # noqa: E402
 

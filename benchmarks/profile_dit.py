@@ -231,10 +231,9 @@ def main() -> None:
         with torch.no_grad():
             return model(x_in, t, ctx)
 
-    kernels = dit_module.triton_kernels
     results = {}
     for name, triton_on in (("plain", False), ("triton", True)):
-        dit_module.triton_kernels = kernels if triton_on else None
+        model.set_triton(triton_on)
         torch.cuda.reset_peak_memory_stats()
         seconds = cuda_time(forward, repeats=5)
         results[name] = (seconds, forward().float(), torch.cuda.max_memory_allocated() / 1e9)

@@ -147,7 +147,7 @@ def _print_gpus(as_json: bool) -> int:
 
 def _add_engine_commands(commands) -> None:
     """`patches`, `bench` and `calibrate`: the performance tiers on this machine, outside any flow run."""
-    from flows.bench import add_arguments as add_bench_arguments
+    from patches.bench import add_arguments as add_bench_arguments
 
     patches = commands.add_parser("patches", help="what each performance tier applies here, and why anything is off")
     patches.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
@@ -183,7 +183,7 @@ def _print_patches(args: argparse.Namespace) -> int:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from flows.bench import run_from_args
+    from patches.bench import run_from_args
 
     return run_from_args(args)
 

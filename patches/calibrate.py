@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from wan_engine import BlockCall
+from wan_engine import BlockCall, RunHook, plan_steps
 
 from .step_cache import (
     BRANCHES,
@@ -38,7 +38,6 @@ from .step_cache import (
     StepCacheHandle,
     calibration_path,
     load_calibrations,
-    plan_sampling,
 )
 from .teacache import teacache_rel_l1
 
@@ -47,18 +46,17 @@ log = logging.getLogger(__name__)
 FIT_DEGREE = 4
 
 
-class _Recorder:
-    """A block-stack hook that runs every call and records residual ratios and output changes."""
+class _Recorder(RunHook):
+    """A run hook that runs every block stack and records residual ratios and output changes."""
 
-    def __init__(self, inner: Callable | None):
-        self.inner = inner
+    def __init__(self):
         self.last_residual: dict[str, Tensor] = {}          # branch -> [1, L, C]
         self.last_output: dict[str, tuple[str, Tensor]] = {}  # branch -> (expert, [1, L, C])
         self.ratio: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}  # (step, branch) -> (mean, std), 0-dim
         self.output_change: dict[tuple[int, str], Tensor] = {}  # (step, branch) -> 0-dim
 
-    def __call__(self, call: BlockCall, tokens: Tensor, run_blocks: Callable[[Tensor], Tensor]) -> Tensor:
-        out = run_blocks(tokens) if self.inner is None else self.inner(call, tokens, run_blocks)  # [B, L, C]
+    def block_stack(self, call: BlockCall, tokens: Tensor, run_blocks: Callable[[Tensor], Tensor]) -> Tensor:
+        out = run_blocks(tokens)  # [B, L, C]
         residual = out - tokens  # [B, L, C]
         for i, branch in enumerate(call.branches):
             res, o = residual[i:i + 1].float(), out[i:i + 1].float()  # [1, L, C]
@@ -101,20 +99,20 @@ def calibrate(pipe, prompt: str, steps: int | None = None, shift: float | None =
               path: str | Path | None = None) -> Calibration:
     """Run one generation (no step cache) recording MagCache ratios and TeaCache fit data, and merge
     them into `path` (default `<checkpoint>/wanflow_calibration.json`). None: the model's defaults."""
-    if isinstance(pipe.block_stack_hook, StepCacheHandle):
+    if any(isinstance(h, StepCacheHandle) for h in pipe.hooks):
         raise ValueError("a step cache is applied to this pipeline: remove it before calibrating "
                          "(calibration must run every model call)")
-    plan = plan_sampling(pipe.spec, steps, shift, solver)
+    plan = plan_steps(pipe.spec, steps, shift, solver)
     if plan.steps < 2:
         raise ValueError(f"calibration needs at least 2 steps (ratios compare consecutive steps), got {plan.steps}")
-    recorder = _Recorder(pipe.block_stack_hook)
-    pipe.block_stack_hook = recorder
+    recorder = _Recorder()
+    pipe.hooks.register(recorder)
     try:
         pipe.generate(prompt, negative_prompt=negative_prompt, image=image, size=size, frame_num=frame_num,
                       steps=plan.steps, shift=plan.shift, guide_scale=guide_scale, solver=solver, seed=seed,
                       decode=False)
     finally:
-        pipe.block_stack_hook = recorder.inner
+        pipe.hooks.remove(recorder)
 
     # Read back once sampling is over (nothing was synced during it).
     keys = [(i, b) for i in range(1, plan.steps) for b in BRANCHES]

@@ -27,9 +27,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from wan_engine import StepPlan
+
 from .step_cache import (
     BRANCHES,
-    SamplingPlan,
     SkipSchedule,
     StepCacheHandle,
     decide,
@@ -103,7 +104,7 @@ def branch_ratios(ratios: Sequence[float], steps: int) -> dict[str, list[float]]
     return {b: resample_nearest(full[k::2], steps) for k, b in enumerate(BRANCHES)}
 
 
-def magcache_retained(plan: SamplingPlan, retention_ratio: float) -> dict[str, list[bool]]:
+def magcache_retained(plan: StepPlan, retention_ratio: float) -> dict[str, list[bool]]:
     """Per branch and step, whether the step lies in a retention window (see the module docstring)."""
     steps, split = plan.steps, plan.split
     if not plan.moe:
@@ -132,18 +133,21 @@ class _MagRow:
         return self.error < self.threshold and self.skips <= self.max_skips
 
 
-def magcache_schedule(plan: SamplingPlan, ratios: Sequence[float], threshold: float, max_skips: int,
-                      retention_ratio: float, batched: bool = False, source: str = "published") -> SkipSchedule:
-    """The MagCache schedule of a generation; `ratios` in the stored layout (any number of steps)."""
+def magcache_schedule(plan: StepPlan, ratios: Sequence[float], threshold: float, max_skips: int,
+                      retention_ratio: float, batched: bool = False, source: str = "published",
+                      branches: tuple[str, ...] = BRANCHES) -> SkipSchedule:
+    """The MagCache schedule of a generation for the run's `branches` (("cond",) without guidance);
+    `ratios` in the stored layout (any number of steps)."""
     per_branch = branch_ratios(ratios, plan.steps)
-    rules = {b: _MagRow(per_branch[b], threshold, max_skips) for b in BRANCHES}
-    compute = decide(plan, rules, magcache_retained(plan, retention_ratio), batched)
+    rules = {b: _MagRow(per_branch[b], threshold, max_skips) for b in branches}
+    retained = magcache_retained(plan, retention_ratio)
+    compute = decide(plan, rules, {b: retained[b] for b in branches}, batched)
     settings = {"threshold": threshold, "max_skips": max_skips, "retention_ratio": retention_ratio,
                 "ratios": source}
     return SkipSchedule("magcache", plan, compute, batched, settings)
 
 
-def _ratios(pipe, cfg: MagCacheConfig, plan: SamplingPlan, model: str) -> tuple[list[float], str]:
+def _ratios(pipe, cfg: MagCacheConfig, plan: StepPlan, model: str) -> tuple[list[float], str]:
     if cfg.use_calibration:
         found = find_calibration(pipe.checkpoint_dir, plan)
         if found:
@@ -155,14 +159,13 @@ def _ratios(pipe, cfg: MagCacheConfig, plan: SamplingPlan, model: str) -> tuple[
 
 def apply_magcache(pipe, cfg: MagCacheConfig = MagCacheConfig(), *, steps: int | None = None,
                    shift: float | None = None, solver: str = "unipc") -> StepCacheHandle:
-    """Install MagCache on `pipe`, prepared for a generation with these settings (None: the model's
-    defaults; call handle.prepare(...) for other settings). Undo with handle.remove()."""
+    """Register MagCache on `pipe`: each run takes its schedule from the run's plan; the sampling settings
+    (None: the model's defaults) give the schedule shown before a run. Undo with handle.remove()."""
     model = published_model(pipe.spec)
     threshold, max_skips, retention = cfg.resolve(model)
 
-    def build(plan: SamplingPlan) -> dict[bool, SkipSchedule]:
+    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
         ratios, source = _ratios(pipe, cfg, plan, model)
-        return {batched: magcache_schedule(plan, ratios, threshold, max_skips, retention, batched, source)
-                for batched in (False, True)}
+        return magcache_schedule(plan, ratios, threshold, max_skips, retention, batched, source, branches)
 
-    return install_step_cache(pipe, build, steps, shift, solver)
+    return install_step_cache(pipe, build, "magcache", steps, shift, solver)

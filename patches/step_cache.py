@@ -1,11 +1,12 @@
-"""Step caching shared by TeaCache and MagCache: sampling plans, skip schedules and the block-stack hook.
+"""Step caching shared by TeaCache and MagCache: skip schedules and the run hook that follows them.
 
 Both methods decide, per denoising step and per cond/uncond branch, whether the DiT's block stack runs
 or is replaced by the residual (block-stack output minus input) cached at that branch's last computed
 step of the same expert; the head runs on every call. On Wan both decisions depend only on the sampling
 settings and on figures known before sampling (TeaCache: the timestep embedding; MagCache: calibrated
-magnitude ratios), so the whole schedule is computed before the first step. The hook then only looks
-it up: no data-dependent branching inside compiled code and no host sync in the step loop.
+magnitude ratios), so the whole schedule is computed from the run's plan when the run begins (the
+engine's `begin_run(plan)`: its steps, experts and CFG mode). The hook then only looks it up: no
+data-dependent branching inside compiled code and no host sync in the step loop.
 
 Separate state per branch and per A14B expert: a new expert's phase always starts with a computed
 step (its blocks have produced no residual yet), and the residuals of an expert are dropped when its
@@ -28,14 +29,11 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from wan_engine import MODEL_SPECS, BlockCall, ModelSpec
-from wan_engine.pipeline import HIGH_NOISE, LOW_NOISE
-from wan_engine.samplers import make_schedule
+from wan_engine import BlockCall, ModelSpec, RunHook, RunPlan, StepPlan, plan_steps
 
 log = logging.getLogger(__name__)
 
 BRANCHES = ("cond", "uncond")
-SINGLE_EXPERT = "model"  # the engine's name for the DiT of a single-expert model (TI2V-5B)
 CALIBRATION_FILE = "wanflow_calibration.json"  # written next to the checkpoint by patches/calibrate.py
 CALIBRATION_FORMAT = "wanflow-calibration/1"
 
@@ -56,44 +54,6 @@ def published_model(spec: ModelSpec) -> str:
     raise ValueError(f"no published step-cache figures for {spec.name!r} (task {spec.task!r})")
 
 
-@dataclass(frozen=True)
-class SamplingPlan:
-    """The steps of one generation as the engine runs them: the timestep and the expert of each step."""
-
-    model: str
-    task: str
-    moe: bool
-    steps: int
-    shift: float
-    solver: str
-    timesteps: tuple[int, ...]
-    experts: tuple[str, ...]
-
-    @property
-    def split(self) -> int:
-        """Index of the first low-noise step (`steps` when there is none)."""
-        return next((i for i, e in enumerate(self.experts) if e == LOW_NOISE), self.steps)
-
-    @property
-    def phase_starts(self) -> frozenset[int]:
-        """Steps where an expert takes over (step 0 included)."""
-        return frozenset(i for i in range(self.steps) if i == 0 or self.experts[i] != self.experts[i - 1])
-
-
-def plan_sampling(model: ModelSpec | str, steps: int | None = None, shift: float | None = None,
-                  solver: str = "unipc") -> SamplingPlan:
-    """The plan of a generation with these settings (None: the model's defaults), before sampling."""
-    spec = MODEL_SPECS[model] if isinstance(model, str) else model
-    steps = steps or spec.steps
-    shift = spec.shift if shift is None else shift
-    timesteps = tuple(make_schedule(solver, steps, shift).timesteps.tolist())
-    if spec.is_moe:
-        experts = tuple(HIGH_NOISE if t >= spec.boundary * 1000 else LOW_NOISE for t in timesteps)
-    else:
-        experts = (SINGLE_EXPERT,) * steps
-    return SamplingPlan(spec.name, spec.task, spec.is_moe, steps, float(shift), solver, timesteps, experts)
-
-
 def calibration_path(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir) / CALIBRATION_FILE
 
@@ -110,8 +70,11 @@ def load_calibrations(path: str | Path) -> list[dict]:
     return data["entries"]
 
 
-def find_calibration(checkpoint_dir: str | Path, plan: SamplingPlan) -> tuple[Path, dict] | None:
-    """(file, entry) calibrated with the plan's exact settings, else the newest entry; None without a file."""
+def find_calibration(checkpoint_dir: str | Path | None, plan: StepPlan) -> tuple[Path, dict] | None:
+    """(file, entry) calibrated with the plan's exact settings, else the newest entry; None without a file
+    (or without a checkpoint: random weights)."""
+    if checkpoint_dir is None:
+        return None
     path = calibration_path(checkpoint_dir)
     entries = load_calibrations(path)
     if not entries:
@@ -130,7 +93,7 @@ class RowRule(Protocol):
         ...
 
 
-def decide(plan: SamplingPlan, rules: Mapping[str, RowRule], retained: Mapping[str, Sequence[bool]],
+def decide(plan: StepPlan, rules: Mapping[str, RowRule], retained: Mapping[str, Sequence[bool]],
            batched: bool) -> dict[str, tuple[bool, ...]]:
     """Per branch and step, True where the block stack runs. Retained steps and phase starts always run;
     with `batched` a step is skipped only when every row would skip it."""
@@ -152,7 +115,7 @@ class SkipSchedule:
     """Which model calls of one generation run the block stack, fixed before sampling."""
 
     method: str                            # "teacache" | "magcache"
-    plan: SamplingPlan
+    plan: StepPlan
     compute: Mapping[str, tuple[bool, ...]]  # branch -> per step: True = run the blocks, False = reuse
     batched: bool                          # decided jointly for the cond and uncond rows of one batch
     settings: Mapping[str, object]         # the method's parameters and the figures used
@@ -196,10 +159,6 @@ class SkipSchedule:
                 "skipped_steps": self.skipped_steps(), "computed_per_expert": per_expert, **self.counts()}
 
 
-class ScheduleMismatch(RuntimeError):
-    """The generation being run is not the one the step cache was prepared for."""
-
-
 @dataclass(frozen=True)
 class CallRecord:
     """One model call as the step cache handled it."""
@@ -210,50 +169,49 @@ class CallRecord:
     computed: bool
 
 
-BuildSchedules = Callable[[SamplingPlan], dict[bool, SkipSchedule]]  # plan -> {batched: schedule}
+# (the run's steps, its branches, whether they share one batch) -> the skip schedule
+BuildSchedule = Callable[[StepPlan, tuple[str, ...], bool], SkipSchedule]
 
 
-class StepCacheHandle:
-    """A step cache installed as the pipeline's block-stack hook (chained to the hook found there).
+class StepCacheHandle(RunHook):
+    """A step cache registered as a run hook on the pipeline. `begin_run(plan)` takes the schedule of the
+    plan's steps and CFG mode (built once per distinct plan and kept), and starts with no cached residual;
+    `end_run()` drops the residuals. `prepare(steps, shift, solver)` shows the schedule a run with those
+    settings will get, before any run (the tier's summary)."""
 
-    `prepare(steps, shift, solver)` fixes the schedules before sampling (apply prepares the model's
-    defaults); each generation must then run with those settings, or the hook raises ScheduleMismatch
-    at its first call that disagrees. State is per generation: a call at step 0 not yet seen in this
-    run (or a step going backwards) starts a new run with no cached residual."""
-
-    def __init__(self, pipe, build: BuildSchedules):
-        inner = pipe.block_stack_hook
-        if isinstance(inner, StepCacheHandle):
-            raise ValueError(f"a {inner.schedule.method} step cache is already applied to this pipeline; "
-                             f"remove it before applying another")
+    def __init__(self, pipe, build: BuildSchedule, method: str):
+        if any(isinstance(h, StepCacheHandle) for h in pipe.hooks):
+            raise ValueError("a step cache is already applied to this pipeline; remove it before applying another")
         self._pipe = pipe
         self._build = build
-        self._inner = inner
-        self._schedules: dict[bool, SkipSchedule] = {}
+        self.method = method
+        self._schedules: dict[tuple[StepPlan, tuple[str, ...], bool], SkipSchedule] = {}
+        self._preview: SkipSchedule | None = None
         self._active: SkipSchedule | None = None
+        self._last: SkipSchedule | None = None
         self._residuals: dict[tuple[str, str], Tensor] = {}   # (expert, branch) -> [1, L, C]
-        self._seen: set[tuple[int, str]] = set()
-        self._last_step = -1
-        self._removed = False
         self.calls: list[CallRecord] = []   # the model calls of the current (or last) run
-        pipe.block_stack_hook = self
+        pipe.hooks.register(self)
+
+    def _schedule(self, steps: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
+        key = (steps, branches, batched)
+        if key not in self._schedules:
+            self._schedules[key] = self._build(steps, branches, batched)
+        return self._schedules[key]
 
     # ------------------------------------------------------------------ before sampling
     def prepare(self, steps: int | None = None, shift: float | None = None, solver: str = "unipc") -> SkipSchedule:
-        """Compute the schedules of a generation with these settings (None: the model's defaults)."""
-        plan = plan_sampling(self._pipe.spec, steps, shift, solver)
-        self._schedules = self._build(plan)
-        self._active = None
-        log.info("step cache prepared for %d steps (shift %g, %s): %s", plan.steps, plan.shift, solver, self.detail)
-        return self._schedules[False]
+        """The schedule of a run with these settings and separate cond/uncond calls (None: the model's
+        defaults), shown by `schedule` until a run begins."""
+        self._preview = self._schedule(plan_steps(self._pipe.spec, steps, shift, solver), BRANCHES, False)
+        log.info("step cache for %d steps (shift %g, %s): %s", self._preview.plan.steps, self._preview.plan.shift,
+                 solver, self.detail)
+        return self._preview
 
     @property
     def schedule(self) -> SkipSchedule:
-        """The schedule of the current or last run; before any run, the one for separate cond/uncond calls."""
-        return self._active or self._schedules[False]
-
-    def schedule_for(self, batched: bool) -> SkipSchedule:
-        return self._schedules[batched]
+        """The schedule of the current or last run; before any run, the one `prepare` showed."""
+        return self._active or self._last or self._preview
 
     @property
     def computed_steps(self) -> dict[str, list[int]]:
@@ -268,7 +226,7 @@ class StepCacheHandle:
 
     @property
     def name(self) -> str:
-        return self.schedule.method
+        return self.method
 
     @property
     def detail(self) -> str:
@@ -277,22 +235,28 @@ class StepCacheHandle:
         settings = ", ".join(f"{k} {v}" for k, v in self.schedule.settings.items())
         return f"{self.name} ({settings}): {counts['computed']}/{counts['total']} model calls computed"
 
-    # ------------------------------------------------------------------ the hook
-    def __call__(self, call: BlockCall, tokens: Tensor, run_blocks: Callable[[Tensor], Tensor]) -> Tensor:
+    # ------------------------------------------------------------------ the run
+    def begin_run(self, plan: RunPlan) -> None:
+        self._active = self._schedule(plan.steps, plan.branches, plan.cfg == "batched")
+        self._residuals.clear()
+        self.calls = []
+
+    def end_run(self) -> None:
+        self._last, self._active = self._active, None
+        self._residuals.clear()
+
+    def block_stack(self, call: BlockCall, tokens: Tensor, run_blocks: Callable[[Tensor], Tensor]) -> Tensor:
         """tokens [B, L, C] (B rows = call.branches) -> block-stack output [B, L, C]."""
-        if self._starts_run(call):
-            self._begin_run(batched=len(call.branches) > 1)
         schedule = self._active
-        self._check(call, schedule.plan)
-        self._seen.update((call.step, b) for b in call.branches)
-        self._last_step = call.step
+        if schedule is None:
+            raise RuntimeError(f"{self.method}: a DiT call outside a run; run the pipeline's loop (sample/generate)")
         rows = [(call.expert, b) for b in call.branches]
         keeps = [schedule.keeps(b, call.step) for b in call.branches]
         # Rows of one batch that disagree are all computed: the blocks only run for the whole batch.
         computed = any(schedule.compute[b][call.step] for b in call.branches)
         residual = None
         if computed:
-            out = run_blocks(tokens) if self._inner is None else self._inner(call, tokens, run_blocks)  # [B, L, C]
+            out = run_blocks(tokens)  # [B, L, C]
             if any(keeps):
                 residual = out - tokens  # [B, L, C]
         else:
@@ -307,42 +271,18 @@ class StepCacheHandle:
         self.calls.append(CallRecord(call.step, call.expert, call.branches, computed))
         return out
 
-    def _starts_run(self, call: BlockCall) -> bool:
-        return (self._active is None or call.step < self._last_step
-                or any((call.step, b) in self._seen for b in call.branches))
-
-    def _begin_run(self, batched: bool) -> None:
-        self._active = self._schedules[batched]
-        self._residuals.clear()
-        self._seen.clear()
-        self._last_step = -1
-        self.calls = []
-
-    def _check(self, call: BlockCall, plan: SamplingPlan) -> None:
-        if (call.step < plan.steps and call.timestep == plan.timesteps[call.step]
-                and call.expert == plan.experts[call.step]):
-            return
-        raise ScheduleMismatch(
-            f"the step cache was prepared for {plan.steps} steps (shift {plan.shift:g}, {plan.solver}) but step "
-            f"{call.step} of this run has timestep {call.timestep} on the {call.expert} expert; call "
-            f"handle.prepare(steps=..., shift=..., solver=...) with the run's settings before generating")
-
     # ------------------------------------------------------------------ removal
     def remove(self) -> None:
-        """Restore the hook that was installed before this one (idempotent)."""
-        if self._removed:
-            return
-        if self._pipe.block_stack_hook is not self:
-            raise RuntimeError("another block-stack hook was installed on top of this step cache; remove it first")
-        self._pipe.block_stack_hook = self._inner
+        """Unregister from the pipeline (idempotent)."""
+        self._pipe.hooks.remove(self)
         self._residuals.clear()
-        self._removed = True
 
 
-def install_step_cache(pipe, build, steps: int | None, shift: float | None, solver: str) -> StepCacheHandle:
-    """Install a step cache whose skip schedules `build(plan)` makes, prepared for a generation with these
-    settings; when preparing fails (bad settings, unreadable figures) nothing stays installed."""
-    handle = StepCacheHandle(pipe, build)
+def install_step_cache(pipe, build: BuildSchedule, method: str, steps: int | None, shift: float | None,
+                       solver: str) -> StepCacheHandle:
+    """Register a step cache whose skip schedules `build` makes, showing the schedule of a run with these
+    settings; when that fails (bad settings, unreadable figures) nothing stays registered."""
+    handle = StepCacheHandle(pipe, build, method)
     try:
         handle.prepare(steps, shift, solver)
     except Exception:

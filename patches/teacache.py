@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from wan_engine import StepPlan
 from wan_engine.dit import timestep_sinusoid
 
 from .step_cache import (
     BRANCHES,
-    SamplingPlan,
     SkipSchedule,
     StepCacheHandle,
     decide,
@@ -87,7 +87,7 @@ def polyval(coefficients: Sequence[float], x: float) -> float:
 
 
 @torch.no_grad()
-def teacache_rel_l1(experts: Mapping[str, nn.Module], plan: SamplingPlan, signal: str = "e0") -> list[float | None]:
+def teacache_rel_l1(experts: Mapping[str, nn.Module], plan: StepPlan, signal: str = "e0") -> list[float | None]:
     """Per step, the relative L1 change mean|x_i - x_prev| / mean|x_prev| of the step's expert signal
     (signal "e": the time embedding; "e0": its projection) against that expert's previous step; None
     where an expert's phase starts. Computed where the expert's weights are, one host sync in all."""
@@ -122,7 +122,7 @@ class _TeaRow:
         return self.threshold > 0 and self.acc < self.threshold
 
 
-def teacache_retained(plan: SamplingPlan, use_ret_steps: bool) -> list[bool]:
+def teacache_retained(plan: StepPlan, use_ret_steps: bool) -> list[bool]:
     """Steps TeaCache always computes: the published window (first 5 steps, or the first and the last),
     and for I2V-A14B the whole high-noise phase (ANCHORS 4). Phase starts are added by `decide`."""
     never_high = plan.moe and plan.task == "i2v"
@@ -133,21 +133,22 @@ def teacache_retained(plan: SamplingPlan, use_ret_steps: bool) -> list[bool]:
     return flags
 
 
-def teacache_schedule(plan: SamplingPlan, rel_l1: Sequence[float | None], threshold: float,
+def teacache_schedule(plan: StepPlan, rel_l1: Sequence[float | None], threshold: float,
                       coefficients: Sequence[float], use_ret_steps: bool = True, batched: bool = False,
-                      source: str = "published") -> SkipSchedule:
-    """The TeaCache schedule of a generation from its per-step signal change (`teacache_rel_l1`).
-    Both branches see the same timestep, hence the same signal: their schedules agree."""
+                      source: str = "published", branches: tuple[str, ...] = BRANCHES) -> SkipSchedule:
+    """The TeaCache schedule of a generation from its per-step signal change (`teacache_rel_l1`), for
+    the run's `branches` (("cond",) without guidance). Both branches see the same timestep, hence the
+    same signal: their schedules agree."""
     if len(rel_l1) != plan.steps:
         raise ValueError(f"rel_l1 has {len(rel_l1)} entries for {plan.steps} steps")
     retained = teacache_retained(plan, use_ret_steps)
-    rules = {b: _TeaRow(rel_l1, coefficients, threshold) for b in BRANCHES}
-    compute = decide(plan, rules, dict.fromkeys(BRANCHES, retained), batched)
+    rules = {b: _TeaRow(rel_l1, coefficients, threshold) for b in branches}
+    compute = decide(plan, rules, dict.fromkeys(branches, retained), batched)
     settings = {"threshold": threshold, "signal": "e0" if use_ret_steps else "e", "coefficients": source}
     return SkipSchedule("teacache", plan, compute, batched, settings)
 
 
-def _coefficients(pipe, cfg: TeaCacheConfig, plan: SamplingPlan) -> tuple[tuple[float, ...], str]:
+def _coefficients(pipe, cfg: TeaCacheConfig, plan: StepPlan) -> tuple[tuple[float, ...], str]:
     if cfg.coefficients is not None:
         return tuple(cfg.coefficients), "given"
     if cfg.use_calibration:
@@ -175,14 +176,13 @@ def _warn_outside_fit(rel_l1: Sequence[float | None], coefficients: Sequence[flo
 
 def apply_teacache(pipe, cfg: TeaCacheConfig = TeaCacheConfig(), *, steps: int | None = None,
                    shift: float | None = None, solver: str = "unipc") -> StepCacheHandle:
-    """Install TeaCache on `pipe`, prepared for a generation with these settings (None: the model's
-    defaults; call handle.prepare(...) for other settings). Undo with handle.remove()."""
+    """Register TeaCache on `pipe`: each run takes its schedule from the run's plan; the sampling settings
+    (None: the model's defaults) give the schedule shown before a run. Undo with handle.remove()."""
 
-    def build(plan: SamplingPlan) -> dict[bool, SkipSchedule]:
+    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
         coefficients, source = _coefficients(pipe, cfg, plan)
         rel = teacache_rel_l1(pipe.experts, plan, cfg.signal)
         _warn_outside_fit(rel, coefficients, source)
-        return {batched: teacache_schedule(plan, rel, cfg.threshold, coefficients, cfg.use_ret_steps, batched,
-                                           source) for batched in (False, True)}
+        return teacache_schedule(plan, rel, cfg.threshold, coefficients, cfg.use_ret_steps, batched, source, branches)
 
-    return install_step_cache(pipe, build, steps, shift, solver)
+    return install_step_cache(pipe, build, "teacache", steps, shift, solver)

@@ -17,12 +17,13 @@ MagCache that balanced applies to I2V.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from wan_engine import WanPipeline
 
 from .attention import AttentionConfig, apply_attention, fa4_status
 from .base import Handle, PatchStack
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 
 TIERS = ("quality", "balanced", "speed")
 STEP_CACHES = ("teacache", "magcache")
-_CACHE_API = {"teacache": ("patches.teacache", "apply_teacache", "TeaCacheConfig", "TeaCache"),
-              "magcache": ("patches.magcache", "apply_magcache", "MagCacheConfig", "MagCache")}
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,18 @@ class PlannedPatch:
 
 
 def _step_cache(name: str, threshold: float | None, sampling: dict) -> PlannedPatch:
-    module_name, apply_name, config_name, title = _CACHE_API[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        return PlannedPatch(name, False, f"{title} unavailable ({exc})")
-    config_cls = getattr(module, config_name)
+    """The planned step cache `name`, its module imported here (only tiers that use one pay for it)."""
+    if name == "teacache":
+        from .teacache import TeaCacheConfig as config_cls
+        from .teacache import apply_teacache as apply
+        title = "TeaCache"
+    else:
+        from .magcache import MagCacheConfig as config_cls
+        from .magcache import apply_magcache as apply
+        title = "MagCache"
     cfg = config_cls() if threshold is None else config_cls(threshold=threshold)
-    shown = getattr(cfg, "threshold", None)
-    detail = f"{title}, threshold {'published default' if shown is None else shown}"
-    return PlannedPatch(name, True, detail, lambda pipe: getattr(module, apply_name)(pipe, cfg, **sampling))
+    detail = f"{title}, threshold {'published default' if cfg.threshold is None else cfg.threshold}"
+    return PlannedPatch(name, True, detail, lambda pipe: apply(pipe, cfg, **sampling))
 
 
 def _residency(pipe, device: torch.device) -> PlannedPatch:
@@ -116,7 +117,7 @@ def plan_tier(tier: str, device: torch.device | str, task: str | None = None, op
     plan.append(PlannedPatch("compile", on, why,
                              (lambda p: apply_compile(p, compile_cfg)) if on else None))
     on, why = vae_decode_status(device)
-    if on and pipe is not None and pipe.vae is None:   # a DiT-only pipeline (wanflow bench)
+    if on and pipe is not None and not isinstance(pipe, WanPipeline):   # a bare Denoiser (wanflow bench)
         on, why = False, "this pipeline has no VAE"
     plan.append(PlannedPatch("vae_decode", on, why, apply_vae_decode if on else None))
     if tier == "speed":

@@ -29,10 +29,10 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 import wan_engine
+from patches.power import PowerMeter, PowerReading
 from tasks.allocate import gpu_lease_lost
 from tasks.leases import GpuLeaseLost
 from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines
-from tasks.power import PowerMeter, PowerReading
 from tasks.runs import RunDescription
 
 CANCEL_CHECK_SECONDS = 2.0

@@ -1,9 +1,9 @@
 """The `warm-up-compile` task: compile the engine for the run's shape before timing starts.
 
 For the balanced and speed tiers it applies the tier to the run's pipeline (loading it if this
-process has not yet) and runs one forward per resident expert at the run's exact shape: the video
-size, the frame count, the I2V latent grid the image's aspect ratio gives, and the batch the loop
-will use. The compiled kernels persist on disk, so a second process at the same shape re-traces but
+process has not yet), plans the run as the engine will (video size, frame count, the I2V latent grid
+the image's aspect ratio gives, the CFG batching) and runs the engine's own step once per resident
+expert of that plan. The compiled kernels persist on disk, so a second process at the same shape re-traces but
 does not re-compile. The quality tier compiles nothing, and compile is off where it does not pay
 (no CUDA GPU, no Triton): the task then says why and returns at once.
 """
@@ -13,7 +13,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from PIL import Image
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -21,7 +20,6 @@ from patches.compile import CACHE_ENV, warm_up
 from patches.tiers import plan_tier
 from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines, tier_options
 from tasks.runs import RunDescription
-from wan_engine.pipeline import i2v_latent_grid
 
 
 @dataclass(frozen=True)
@@ -64,14 +62,12 @@ def warm_up_compile(run: RunDescription, cache_dir: str, engines: EngineCache | 
         started = time.perf_counter()
         pipe, _ = engines.tiered(run, cache_dir=cache_dir)
         load_s = time.perf_counter() - started
-        latent_hw = None
-        if pipe.spec.task == "i2v" and run.image is not None:
-            with Image.open(run.image) as img:  # reads the header only: the size
-                latent_hw = i2v_latent_grid((img.height, img.width), w * h, pipe.spec.vae_stride[1],
-                                            pipe.spec.patch_size[1])
-        seconds = warm_up(pipe, (w, h), frame_count, latent_hw=latent_hw)
+        plan = pipe.plan(image=run.image, size=(w, h), frame_num=frame_count, steps=run.steps, shift=run.shift,
+                         solver=run.solver)
+        seconds = warm_up(pipe, plan)
     cache = os.environ.get(CACHE_ENV, "torch's default") if options.compile_backend == "inductor" else "none"
-    detail = (f"{compile_entry.detail}: warmed {size}, {frame_count} frames"
-              + (f", latent grid {latent_hw[0]}x{latent_hw[1]}" if latent_hw else "") + f"; kernel cache {cache}")
+    grid = plan.grid
+    detail = (f"{compile_entry.detail}: warmed {size}, {frame_count} frames, latent grid {grid.height}x{grid.width}, "
+              f"CFG {plan.cfg}; kernel cache {cache}")
     logger.info("compile warm-up for tier %s took %.1f s (%s)", tier, seconds, detail)
     return WarmUp(tier, True, seconds, load_s, detail)

@@ -13,9 +13,10 @@ embedding, every modulation and the head run in float32; the residual stream sta
 Two paths compute the same block. The plain PyTorch one is the reference (CPU, float32 weights). On
 CUDA with 16-bit weights the element-wise chains (residual add + LayerNorm + modulate + cast, q/k
 RMSNorm + RoPE) run as single Triton kernels (`triton_kernels`) with the same roundings, eager and
-under torch.compile alike: they are custom ops that a compiled block keeps as graph nodes. Setting
-`wan_engine.dit.triton_kernels = None` forces the plain path (benchmarks compare the two; compiled,
-inductor then fuses that path itself).
+under torch.compile alike: they are custom ops that a compiled block keeps as graph nodes. The fast path
+is an option of each model, `WanDiT(config, triton=False)` or `model.set_triton(False)`, not a process
+switch: benchmarks compare the two paths (compiled, inductor fuses the plain one itself), and the compile
+patch keys its artifacts on each block's `triton` attribute.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Whether Triton is installed: a fact of the install, not a switch (the option is each model's `triton`).
 try:  # the CUDA fast path; the CPU path never needs Triton
     from . import triton_kernels
 except ImportError:
@@ -102,7 +104,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 def use_triton(x: Tensor, weight: Tensor) -> bool:
-    """Whether this call takes the Triton kernels: CUDA and 16-bit weights, eager or compiled."""
+    """Whether the Triton kernels can take this call: installed, CUDA and 16-bit weights, eager or compiled.
+    A block takes them when its `triton` option is also on."""
     return triton_kernels is not None and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -191,12 +194,13 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: Tensor, context: Tensor | None = None,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, triton: bool = False) -> Tensor:
+        """`triton`: q/k RMSNorm + RoPE as one Triton kernel (the block decides, see `DiTBlock.triton`)."""
         dtype = self.q.weight.dtype
         x = x.to(dtype)
         kv = x if context is None else context.to(dtype)
         n = self.num_heads
-        if use_triton(x, self.q.weight):
+        if triton:
             q = triton_kernels.rms_norm_rope(self.q(x), self.norm_q.weight, self.norm_q.eps, n, rope)  # [B, N, L, D]
             k = triton_kernels.rms_norm_rope(self.k(kv), self.norm_k.weight, self.norm_k.eps, n, rope)  # [B, N, Lk, D]
         else:
@@ -211,10 +215,13 @@ class Attention(nn.Module):
 
 class DiTBlock(nn.Module):
     """Modulated self-attention, unmodulated cross-attention to the text, modulated FFN; each
-    branch adds into the float32 residual stream (the two modulated ones through a gate)."""
+    branch adds into the float32 residual stream (the two modulated ones through a gate).
 
-    def __init__(self, cfg: DiTConfig):
+    `triton`: take the Triton kernels where they can run (`use_triton`); off, always the plain path."""
+
+    def __init__(self, cfg: DiTConfig, triton: bool = True):
         super().__init__()
+        self.triton = triton
         dim = cfg.dim
         self.norm1 = FP32LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
         self.self_attn = Attention(dim, cfg.num_heads, cfg.eps)
@@ -230,7 +237,7 @@ class DiTBlock(nn.Module):
         context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32."""
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (
             self.modulation.float() + mod).unbind(2)  # 6 x [B, Lt, dim]
-        if use_triton(x, self.ffn[0].weight):
+        if self.triton and use_triton(x, self.ffn[0].weight):
             return self._forward_fused(x, (shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn),
                                        context, rope)
         dtype = self.ffn[0].weight.dtype
@@ -248,12 +255,11 @@ class DiTBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         K, dtype = triton_kernels, self.ffn[0].weight.dtype
         h = K.layer_norm_modulate(x, self.norm1.eps, dtype, shift=shift_sa, scale=scale_sa)  # [B, L, dim]
-        x, h = K.add_layer_norm(x, self.self_attn(h, rope=rope), gate_sa, self.norm3.eps, dtype,
+        x, h = K.add_layer_norm(x, self.self_attn(h, rope=rope, triton=True), gate_sa, self.norm3.eps, dtype,
                                 self.norm3.weight, self.norm3.bias)  # a new x [B, L, dim] fp32; h [B, L, dim]
-        x, h = K.add_layer_norm(x, self.cross_attn(h, context), None, self.norm2.eps, dtype,
+        x, h = K.add_layer_norm(x, self.cross_attn(h, context, triton=True), None, self.norm2.eps, dtype,
                                 shift=shift_ffn, scale=scale_ffn, inplace=True)
         return K.add_gated(x, self._ffn_gelu_epilogue(h), gate_ffn, inplace=True)
-
 
     def _ffn_gelu_epilogue(self, h: Tensor) -> Tensor:
         """The FFN with its tanh GELU applied in the first GEMM's epilogue (cuBLASLt, on the float32
@@ -262,6 +268,7 @@ class DiTBlock(nn.Module):
         up, down = self.ffn[0], self.ffn[2]
         a = torch._addmm_activation(up.bias, h.flatten(0, 1), up.weight.t(), use_gelu=True)  # [B*L, ffn_dim]
         return down(a.unflatten(0, h.shape[:2]))  # [B, L, dim]
+
 
 class Head(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -277,7 +284,9 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    def __init__(self, config: DiTConfig):
+    """`triton`: whether the blocks take the Triton kernels where they can run (see the module docstring)."""
+
+    def __init__(self, config: DiTConfig, triton: bool = True):
         super().__init__()
         self.config = cfg = config
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
@@ -287,10 +296,15 @@ class WanDiT(nn.Module):
         self.time_embedding = nn.Sequential(FP32Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
                                             FP32Linear(cfg.dim, cfg.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(cfg.dim, 6 * cfg.dim))
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, triton) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         # Not buffers: a meta-built model must load with assign=True, and .to(bf16) must not touch them.
         self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def set_triton(self, on: bool) -> None:
+        """Turn the Triton kernels on or off for every block (a compiled block recompiles or loads anew)."""
+        for block in self.blocks:
+            block.triton = on
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[Tensor, Tensor]:
         key = (grid, device)

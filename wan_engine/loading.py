@@ -36,6 +36,7 @@ from .configs import (
 )
 from .dit import DiTConfig, WanDiT
 from .pipeline import HIGH_NOISE, LOW_NOISE, WanPipeline, activation_bytes, plan_memory
+from .plan import latent_grid
 from .t5 import T5Config, UMT5Encoder
 from .text import PromptTokenizer
 from .tiny import materialise_tiny
@@ -272,7 +273,7 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     expert_bytes = max(_param_bytes(s, dtype) for s in v.dit_shapes.values())
     cfg = next(iter(v.dit_configs.values()))
-    largest = max(w * h for w, h in spec.sizes) // 256 * ((spec.frame_num - 1) // 4 + 1)   # tokens
+    largest = max(latent_grid(spec, size, spec.frame_num).tokens for size in spec.sizes)
     activations = activation_bytes(cfg, largest) + (4 << 30)   # + slack for the VAE and the allocator
     memory = plan_memory(free, expert_bytes, len(v.dits), _param_bytes(_shapes(v.t5_sd), dtype),
                          _param_bytes(_shapes(v.vae_sd), torch.float32), activations)

@@ -1,23 +1,28 @@
 """The Wan2.2 generation pipeline: one denoising loop for every task.
 
-T2V and I2V differ only by their `Conditioning` (extra DiT input channels); the loop is
-shared: draw seeded noise, encode the prompts, then per step pick the expert by timestep
-(A14B MoE), run the conditional and unconditional branches, combine them with the
-expert's guide scale and step the solver. The two branches run as one batch-2 forward
-when memory allows (`WanPipeline.cfg_batch`), else as two forwards.
+A run is planned first (`plan(...)` -> `RunPlan`: grid, steps, experts, guide scales, CFG mode,
+conditioning, seed and noise), then its inputs are encoded (`encode_prompt`, `encode_conditioning`),
+then `sample` runs the loop: per step the plan's expert predicts the cond and uncond branches (one
+batch-2 forward, two forwards, or the prompt alone at guide scale 1), they are combined with the
+step's guide scale and the solver steps; `decode` turns the latents into frames. `generate(...)` is
+the short form of all four. T2V and I2V differ only by their `Conditioning`.
+
+`Denoiser` holds the experts and the loop; `WanPipeline` adds the text encoder and the VAE. A
+`Denoiser` alone (random weights, `wanflow bench`) plans and samples from given text contexts.
 
 Seams for performance patches (they act only through these):
-- `block_stack_hook(call, tokens, run_blocks)`: wraps the block stack of every DiT call,
-  told which step, timestep, expert and branch it is (step caching lives here);
+- `hooks`: `RunHook`s told `begin_run(plan)`, wrapping the block stack of every DiT call (told its
+  step, timestep, expert and branches: step caching lives here), then told `end_run()`;
 - `repeated_blocks()`: the modules worth compiling;
-- `generate(callback=...)`: per-step `StepInfo` with timings (progress);
-- `generate(should_cancel=...)`: checked between steps (cancellation).
+- `sample(callback=...)`: per-step `StepInfo` with timings (progress);
+- `sample(should_cancel=...)`: checked between steps (cancellation).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,31 +33,20 @@ from PIL import Image
 from torch import nn
 
 from .configs import DEFAULT_NEGATIVE_PROMPT, ModelSpec
-from .samplers import make_solver
+from .hooks import BlockCall, HookRegistry
+from .plan import CFG_MODES, HIGH_NOISE, LOW_NOISE, Conditioning, RunPlan, latent_grid, plan_steps
+from .samplers import Schedule, solver_for
 from .t5 import UMT5Encoder, encode_prompts
 from .text import PromptTokenizer, TokenCount
 from .vae import WanVAE21
 
 log = logging.getLogger(__name__)
 
-HIGH_NOISE, LOW_NOISE = "high_noise", "low_noise"
+__all__ = ["HIGH_NOISE", "LOW_NOISE", "BlockCall", "Denoiser", "WanPipeline"]
 
 
 class GenerationCancelled(RuntimeError):
     """Raised between steps when the caller's `should_cancel()` says so."""
-
-
-@dataclass(frozen=True)
-class BlockCall:
-    """Which DiT call a block-stack hook is wrapping."""
-
-    step: int
-    timestep: int
-    expert: str
-    branches: tuple[str, ...]  # the rows of the batch, in order: ("cond",), ("uncond",) or ("cond", "uncond")
-
-
-BlockStackHook = Callable[[BlockCall, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -62,6 +56,24 @@ class StepInfo:
     timestep: int
     expert: str
     seconds: float
+
+
+@dataclass(frozen=True)
+class PromptContext:
+    """The encoded prompts of a run: the rows the loop feeds the DiT, and their token counts."""
+
+    context: torch.Tensor                # [1 or 2, L, 4096] in the DiT dtype: rows cond (, uncond)
+    tokens: dict[str, TokenCount]        # "prompt" (and "negative_prompt"): tokens, and whether cut
+
+
+@dataclass
+class Sampled:
+    """What the loop made: the clean latents and the time each step took."""
+
+    latents: torch.Tensor                # float32 [1, 16, f, h, w] on the device
+    seconds: float
+    step_seconds: list[float]
+    experts_per_step: list[str]
 
 
 @dataclass
@@ -92,15 +104,6 @@ def load_image(image: Image.Image | str | Path) -> torch.Tensor:
         image = Image.open(path)
     arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
     return arr.permute(2, 0, 1).float().div(255).mul(2).sub(1)   # [3, H, W]
-
-
-def i2v_latent_grid(image_hw: tuple[int, int], max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
-    """Latent (h, w) of an I2V video: the image's aspect ratio at `max_area` pixels (official rule)."""
-    h, w = image_hw
-    aspect = h / w
-    lat_h = round(np.sqrt(max_area * aspect) // stride // patch * patch)
-    lat_w = round(np.sqrt(max_area / aspect) // stride // patch * patch)
-    return int(lat_h), int(lat_w)
 
 
 def i2v_mask(frame_num: int, lat_h: int, lat_w: int, device: torch.device) -> torch.Tensor:
@@ -146,22 +149,20 @@ def plan_memory(free_bytes: int | None, expert_bytes: int, n_experts: int, t5_by
     return MemoryPlan(experts <= free_bytes, False)
 
 
-class WanPipeline:
-    """Loaded models of one Wan2.2 task plus the denoising loop. Build with `load_pipeline`."""
+class Denoiser:
+    """The DiT experts of one Wan2.2 task and the denoising loop: plans runs and samples them from
+    encoded inputs. `WanPipeline` adds the text encoder and the VAE; a bare `Denoiser` serves a
+    random-weight bench. `checkpoint_dir` is where the weights came from (None: random weights)."""
 
-    def __init__(self, spec: ModelSpec, experts: dict[str, nn.Module], text_encoder: UMT5Encoder,
-                 tokenizer: PromptTokenizer, vae: WanVAE21, device: torch.device, dtype: torch.dtype,
-                 memory: MemoryPlan, checkpoint_dir: Path):
+    def __init__(self, spec: ModelSpec, experts: dict[str, nn.Module], device: torch.device, dtype: torch.dtype,
+                 memory: MemoryPlan, checkpoint_dir: Path | None = None):
         self.spec = spec
         self.experts = experts
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.vae = vae
         self.device = device
         self.dtype = dtype
         self.memory = memory
         self.checkpoint_dir = checkpoint_dir
-        self.block_stack_hook: BlockStackHook | None = None
+        self.hooks = HookRegistry()
         # cond and uncond as one batch-2 forward: True / False, or None to decide per run from free memory
         self.cfg_batch: bool | None = None
 
@@ -169,12 +170,16 @@ class WanPipeline:
     def repeated_blocks(self) -> list[nn.Module]:
         return [block for dit in self.experts.values() for block in dit.blocks]
 
-    # ------------------------------------------------------------------ helpers
-    def expert_for(self, timestep: int) -> str:
-        if not self.spec.is_moe:
-            return next(iter(self.experts))
-        return HIGH_NOISE if timestep >= self.spec.boundary * 1000 else LOW_NOISE
+    @contextmanager
+    def running(self, plan: RunPlan) -> Iterator[None]:
+        """The hooks' run: `begin_run(plan)` before, `end_run()` after, however the body ends."""
+        self.hooks.begin_run(plan)
+        try:
+            yield
+        finally:
+            self.hooks.end_run()
 
+    # ------------------------------------------------------------------ helpers
     def _activate(self, name: str) -> nn.Module:
         """The expert to run now; when experts are not resident the other one goes to the CPU."""
         if not self.memory.experts_resident:
@@ -183,15 +188,6 @@ class WanPipeline:
                     dit.to("cpu")
             self.experts[name].to(self.device)
         return self.experts[name]
-
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length)."""
-        if not self.memory.text_encoder_resident:
-            self.text_encoder.to(self.device)
-        context, _ = encode_prompts(self.text_encoder, self.tokenizer, prompts)
-        if not self.memory.text_encoder_resident:
-            self.text_encoder.to("cpu")
-        return context
 
     def batch_cfg(self, tokens: int) -> bool:
         """Whether a run of `tokens` video tokens takes cond and uncond in one batch-2 forward: the
@@ -218,21 +214,152 @@ class WanPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _check_frames(self, frame_num: int) -> None:
-        if frame_num < 1 or (frame_num - 1) % self.spec.vae_stride[0]:
+    # ------------------------------------------------------------------ planning
+    def plan(self, image: Image.Image | str | Path | None = None, size: tuple[int, int] = (832, 480),
+             frame_num: int = 81, steps: int | None = None, shift: float | None = None,
+             guide_scale: float | tuple[float, float] | None = None, solver: str = "unipc", seed: int = 0,
+             noise: torch.Tensor | None = None, cfg: str | None = None) -> RunPlan:
+        """Decide a run before its first step (None: the model's default). For I2V `size` gives the target
+        area and the image the aspect ratio. `noise` ([16, f, h, w]) replaces the seeded draw; `cfg` one of
+        CFG_MODES instead of the choice from the guide scale and free memory."""
+        spec = self.spec
+        if frame_num < 1 or (frame_num - 1) % spec.vae_stride[0]:
             raise ValueError(f"frame_num={frame_num} is not 4k+1 (allowed: 5, 9, ..., 81, ...)")
+        w, h = size
+        if h % 16 or w % 16:
+            raise ValueError(f"size={w}*{h}: width and height must be multiples of 16")
+        if spec.task == "i2v" and image is None:
+            raise ValueError(f"{spec.name} is image-to-video: pass image=")
+        if spec.task == "t2v" and image is not None:
+            raise ValueError(f"{spec.name} is text-to-video: it takes no image")
+        if cfg is not None and cfg not in CFG_MODES:
+            raise ValueError(f"cfg must be one of {CFG_MODES}, got {cfg!r}")
+        step_plan = plan_steps(spec, steps, shift, solver, guide_scale)
+        if spec.task == "i2v":
+            img = load_image(image)                                              # [3, H, W]
+            grid = latent_grid(spec, size, frame_num, tuple(img.shape[1:]))
+            pixels = (grid.height * spec.vae_stride[1], grid.width * spec.vae_stride[2])
+            conditioning = Conditioning("i2v", F.interpolate(img[None], size=pixels, mode="bicubic"))   # [1, 3, H, W]
+        else:
+            grid = latent_grid(spec, size, frame_num)
+            conditioning = Conditioning(spec.task)
+        shape = (spec.z_dim, *grid.shape)
+        if noise is None:
+            # drawn like the official code: a generator on the run's device, seeded once
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            noise = torch.randn(*shape, dtype=torch.float32, device=self.device, generator=gen)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must be {list(shape)} for this run, got {list(noise.shape)}")
+        if cfg is None:
+            unguided = all(g == 1.0 for g in step_plan.guide_scales)
+            cfg = "none" if unguided else "batched" if self.batch_cfg(grid.tokens) else "sequential"
+        return RunPlan(spec, (w, h), frame_num, grid, step_plan, cfg, conditioning, seed,
+                       noise.to(self.device, torch.float32))
 
-    def image_conditioning(self, image: Image.Image | str | Path, size: tuple[int, int],
-                           frame_num: int) -> torch.Tensor:
-        """I2V `y` [1, 20, f, h, w]: first-frame mask | VAE latent of (image, then black frames)."""
-        img = load_image(image)                                    # [3, H, W]
-        lat_h, lat_w = i2v_latent_grid(tuple(img.shape[1:]), size[0] * size[1],
-                                       self.spec.vae_stride[1], self.spec.patch_size[1])
-        h, w = lat_h * self.spec.vae_stride[1], lat_w * self.spec.vae_stride[2]
-        first = F.interpolate(img[None], size=(h, w), mode="bicubic")   # [1, 3, h, w], on the CPU as official
-        clip = torch.cat([first[:, :, None], torch.zeros(1, 3, frame_num - 1, h, w)], dim=2)
+    # ------------------------------------------------------------------ the loop
+    def predict(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided velocity [1, 16, f, h, w] of `step` at `latents` [1, 16, f, h, w]: the step's expert on
+        the plan's branches (context rows cond (, uncond); y [1, C_y, f, h, w] or None), combined with the
+        step's guide scale. Inside `running(plan)` when hooks are registered."""
+        return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y))
+
+    def _run_inputs(self, plan: RunPlan, y: torch.Tensor | None) -> tuple:
+        """What every step of a run reuses: y per row of a forward, and the timesteps on the device."""
+        if plan.conditioning.task == "ti2v":
+            raise NotImplementedError("TI2V's per-token timesteps are not in the engine's loop yet")
+        rows_y = y.repeat(2, 1, 1, 1, 1) if y is not None and plan.cfg == "batched" else y   # [B, C_y, f, h, w]
+        return rows_y, torch.tensor(plan.steps.timesteps, device=self.device)   # [steps] int64
+
+    def _velocity(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
+                  rows_y: torch.Tensor | None, timesteps: torch.Tensor) -> torch.Tensor:
+        s = plan.steps
+        name, t = s.experts[step], s.timesteps[step]
+        dit = self._activate(name)
+        if plan.cfg == "batched":
+            # rows (cond, uncond), in the order of `context`
+            hook = self.hooks.bind(BlockCall(step, t, name, ("cond", "uncond")))
+            cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), timesteps[step:step + 1].expand(2), context,
+                               y=rows_y, block_stack_hook=hook).chunk(2)   # 2 x [1, 16, f, h, w]
+        else:
+            preds = {}
+            for row, branch in enumerate(plan.branches):
+                hook = self.hooks.bind(BlockCall(step, t, name, (branch,)))
+                preds[branch] = dit(latents, timesteps[step:step + 1], context[row:row + 1], y=rows_y,
+                                    block_stack_hook=hook)
+            if plan.cfg == "none":
+                return preds["cond"]
+            cond, uncond = preds["cond"], preds["uncond"]
+        return uncond + s.guide_scales[step] * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(self, plan: RunPlan, context: torch.Tensor, y: torch.Tensor | None = None,
+               callback: Callable[[StepInfo], None] | None = None,
+               should_cancel: Callable[[], bool] | None = None) -> Sampled:
+        """Run every step of `plan` from its noise (context and y as for `predict`)."""
+        s = plan.steps
+        solver = solver_for(s.solver, Schedule(torch.tensor(s.sigmas, dtype=torch.float32),
+                                                torch.tensor(s.timesteps, dtype=torch.int64)))
+        latents = plan.noise[None]                                          # [1, 16, f, h, w]
+        inputs = self._run_inputs(plan, y)
+        step_seconds: list[float] = []
+        started = time.perf_counter()
+        with self.running(plan):
+            for i in range(s.steps):
+                if should_cancel is not None and should_cancel():
+                    raise GenerationCancelled(f"cancelled before step {i + 1}/{s.steps}")
+                t_step = time.perf_counter()
+                latents = solver.step(self._velocity(plan, i, latents, context, *inputs), latents)
+                if callback is not None:
+                    self._sync()   # progress reports completed work: one sync per step, after it is queued
+                    step_seconds.append(time.perf_counter() - t_step)
+                    callback(StepInfo(i, s.steps, s.timesteps[i], s.experts[i], step_seconds[-1]))
+        self._sync()
+        seconds = time.perf_counter() - started
+        return Sampled(latents, seconds, step_seconds or [seconds / s.steps] * s.steps, list(s.experts))
+
+
+class WanPipeline(Denoiser):
+    """Loaded models of one Wan2.2 task: the experts and their loop, the text encoder and the VAE.
+    Build with `load_pipeline`."""
+
+    def __init__(self, spec: ModelSpec, experts: dict[str, nn.Module], text_encoder: UMT5Encoder,
+                 tokenizer: PromptTokenizer, vae: WanVAE21, device: torch.device, dtype: torch.dtype,
+                 memory: MemoryPlan, checkpoint_dir: Path):
+        super().__init__(spec, experts, device, dtype, memory, checkpoint_dir)
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.vae = vae
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length)."""
+        if not self.memory.text_encoder_resident:
+            self.text_encoder.to(self.device)
+        context, _ = encode_prompts(self.text_encoder, self.tokenizer, prompts)
+        if not self.memory.text_encoder_resident:
+            self.text_encoder.to("cpu")
+        return context
+
+    @torch.no_grad()
+    def encode_prompt(self, plan: RunPlan, prompt: str, negative_prompt: str = "") -> PromptContext:
+        """The context rows of `plan`'s branches: the prompt, and the negative prompt (empty: the official
+        default) unless the plan runs unguided."""
+        prompts = [prompt] if plan.cfg == "none" else [prompt, negative_prompt or DEFAULT_NEGATIVE_PROMPT]
+        names = ("prompt", "negative_prompt")[:len(prompts)]
+        tokens = dict(zip(names, self.tokenizer.count(prompts), strict=True))
+        return PromptContext(self.encode_text(prompts).to(self.dtype), tokens)   # [1 or 2, L, 4096]
+
+    @torch.no_grad()
+    def encode_conditioning(self, plan: RunPlan) -> torch.Tensor | None:
+        """The DiT's extra input channels: I2V `y` [1, 20, f, h, w] (first-frame mask | VAE latent of the
+        image, then black frames); None for T2V."""
+        first = plan.conditioning.image
+        if first is None:
+            return None
+        h, w = first.shape[-2:]
+        clip = torch.cat([first[:, :, None], torch.zeros(1, 3, plan.frame_num - 1, h, w)], dim=2)
         y_lat = self.vae.encode(clip.to(self.device, torch.float32))   # [1, 16, f, h/8, w/8]
-        return torch.cat([i2v_mask(frame_num, lat_h, lat_w, self.device), y_lat], dim=1)
+        return torch.cat([i2v_mask(plan.frame_num, plan.grid.height, plan.grid.width, self.device), y_lat], dim=1)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -243,106 +370,38 @@ class WanPipeline:
                  callback: Callable[[StepInfo], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  noise: torch.Tensor | None = None) -> GenerationResult:
-        """Generate one video. None means the model's default; for I2V `size` gives the target
-        area and the image the aspect ratio. `noise` ([16, f, h, w]) replaces the seeded draw."""
-        spec = self.spec
-        self._check_frames(frame_num)
-        w, h = size
-        if h % 16 or w % 16:
-            raise ValueError(f"size={w}*{h}: width and height must be multiples of 16")
-        if spec.task == "i2v" and image is None:
-            raise ValueError(f"{spec.name} is image-to-video: pass image=")
-        if spec.task == "t2v" and image is not None:
-            raise ValueError(f"{spec.name} is text-to-video: it takes no image")
-        steps = steps or spec.steps
-        shift = spec.shift if shift is None else shift
-        if guide_scale is None:
-            guide_scale = spec.guide_scale
-        elif isinstance(guide_scale, int | float):
-            guide_scale = (float(guide_scale), float(guide_scale))
-        sampler = make_solver(solver, steps, shift)
-        timesteps = sampler.schedule.timesteps.tolist()
-        negative_prompt = negative_prompt or DEFAULT_NEGATIVE_PROMPT
+        """Generate one video: plan -> encode -> sample -> decode. None means the model's default; for
+        I2V `size` gives the target area and the image the aspect ratio. `noise` ([16, f, h, w])
+        replaces the seeded draw."""
         timings: dict[str, float] = {}
-
         t0 = time.perf_counter()
-        cond_y = None
-        if spec.task == "i2v":
-            cond_y = self.image_conditioning(image, size, frame_num)
-            lat_h, lat_w = cond_y.shape[-2:]
-        else:
-            lat_h, lat_w = h // spec.vae_stride[1], w // spec.vae_stride[2]
-        lat_f = (frame_num - 1) // spec.vae_stride[0] + 1
-        if noise is None:
-            # drawn like the official code: a generator on the run's device, seeded once
-            gen = torch.Generator(device=self.device).manual_seed(seed)
-            noise = torch.randn(spec.z_dim, lat_f, lat_h, lat_w, dtype=torch.float32,
-                                device=self.device, generator=gen)
-        latents = noise.to(self.device, torch.float32)[None]              # [1, 16, f, h, w]
+        plan = self.plan(image=image, size=size, frame_num=frame_num, steps=steps, shift=shift,
+                         guide_scale=guide_scale, solver=solver, seed=seed, noise=noise)
+        y = self.encode_conditioning(plan)
         self._sync()
         timings["conditioning"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        prompt_tokens = dict(zip(("prompt", "negative_prompt"), self.tokenizer.count([prompt, negative_prompt]),
-                                 strict=True))
-        context = self.encode_text([prompt, negative_prompt]).to(self.dtype)   # [2, L, 4096]
-        contexts = {"cond": context[:1], "uncond": context[1:]}
+        text = self.encode_prompt(plan, prompt, negative_prompt)
         self._sync()
         timings["text"] = time.perf_counter() - t0
 
-        t_device = sampler.schedule.timesteps.to(self.device)
-        pt, ph, pw = spec.patch_size
-        batched = self.batch_cfg(lat_f // pt * (lat_h // ph) * (lat_w // pw))
-        both_y = None if cond_y is None or not batched else cond_y.repeat(2, 1, 1, 1, 1)   # [2, 20, f, h, w]
-        step_seconds, experts_used = [], []
-        t_loop = time.perf_counter()
-        for i, t in enumerate(timesteps):
-            if should_cancel is not None and should_cancel():
-                raise GenerationCancelled(f"cancelled before step {i + 1}/{steps}")
-            t_step = time.perf_counter()
-            name = self.expert_for(t)
-            dit = self._activate(name)
-            g = guide_scale[1] if name == HIGH_NOISE else guide_scale[0]
-            if batched:
-                # rows (cond, uncond), in the order of `context`
-                hook = self._bind_hook(BlockCall(i, t, name, ("cond", "uncond")))
-                cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), t_device[i:i + 1].expand(2), context,
-                                   y=both_y, block_stack_hook=hook).chunk(2)   # 2 x [1, 16, f, h, w]
-            else:
-                preds = {}
-                for branch, ctx in contexts.items():
-                    hook = self._bind_hook(BlockCall(i, t, name, (branch,)))
-                    preds[branch] = dit(latents, t_device[i:i + 1], ctx, y=cond_y, block_stack_hook=hook)
-                cond, uncond = preds["cond"], preds["uncond"]
-            velocity = uncond + g * (cond - uncond)
-            latents = sampler.step(velocity, latents)
-            experts_used.append(name)
-            if callback is not None:
-                self._sync()   # progress reports completed work: one sync per step, after it is queued
-                step_seconds.append(time.perf_counter() - t_step)
-                callback(StepInfo(i, steps, int(t), name, step_seconds[-1]))
-        self._sync()
-        timings["denoise"] = time.perf_counter() - t_loop
-        if not step_seconds:
-            step_seconds = [timings["denoise"] / steps] * steps
-
+        sampled = self.sample(plan, text.context, y, callback=callback, should_cancel=should_cancel)
+        timings["denoise"] = sampled.seconds
+        s = plan.steps
         result = GenerationResult(
-            latents=latents[0].float().cpu(), frames=None, seed=seed,
-            settings=dict(task=spec.name, size=[w, h], frame_num=frame_num, steps=steps, shift=shift,
-                          guide_scale=list(guide_scale), solver=solver, seed=seed,
-                          negative_prompt=negative_prompt, cfg_batch=batched),
-            timings=timings, step_seconds=step_seconds, experts_per_step=experts_used, prompt_tokens=prompt_tokens)
+            latents=sampled.latents[0].float().cpu(), frames=None, seed=seed,
+            settings=dict(task=self.spec.name, size=list(plan.size), frame_num=frame_num, steps=s.steps,
+                          shift=s.shift, guide_scale=list(s.guide_scale), solver=solver, seed=seed,
+                          negative_prompt=negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+                          cfg_batch=plan.cfg == "batched", cfg=plan.cfg),
+            timings=timings, step_seconds=sampled.step_seconds, experts_per_step=sampled.experts_per_step,
+            prompt_tokens=text.tokens)
         if decode:
             t0 = time.perf_counter()
             result.frames = self.decode(result.latents)
             timings["decode"] = time.perf_counter() - t0
         return result
-
-    def _bind_hook(self, call: BlockCall):
-        if self.block_stack_hook is None:
-            return None
-        hook = self.block_stack_hook
-        return lambda tokens, run_blocks: hook(call, tokens, run_blocks)
 
     @torch.no_grad()
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
@@ -352,4 +411,3 @@ class WanPipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """[16, f, h, w] latents -> uint8 frames [F, H, W, 3]."""
         return video_to_frames(self.decode_video(latents))
-

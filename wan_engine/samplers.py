@@ -190,5 +190,9 @@ _SOLVER_TYPES = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver}
 
 def make_solver(solver: str, steps: int, shift: float) -> Solver:
     """A fresh solver (no history) over `make_schedule(solver, steps, shift)`."""
-    schedule = make_schedule(solver, steps, shift)  # validates the arguments first
+    return solver_for(solver, make_schedule(solver, steps, shift))  # validates the arguments first
+
+
+def solver_for(solver: str, schedule: Schedule) -> Solver:
+    """A fresh solver (no history) of kind `solver` over a schedule already made (a run's plan)."""
     return _SOLVER_TYPES[solver](schedule)

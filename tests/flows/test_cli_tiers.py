@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 
-from flows import bench
 from flows.cli import main
+from patches import bench
 from patches.step_cache import CALIBRATION_FILE, CALIBRATION_FORMAT
 from tests.conftest import ORACLE_DIR
 

@@ -24,13 +24,13 @@ from torch._dynamo.utils import counters
 
 from flows.generate import generate_video
 from flows.request import GenerationRequest
-from patches.step_cache import plan_sampling
 from patches.teacache import published_coefficients, teacache_rel_l1, teacache_schedule
 from tasks import denoise as denoise_module
 from tasks import pipelines
 from tasks.allocate import limit_name
 from tasks.denoise import listen_to_steps
 from tasks.settings import get_settings
+from wan_engine import plan_steps
 
 TASKS = ["detect-gpus", "allocate-gpus", "warm-up-compile", "denoise", "encode", "publish"]
 
@@ -172,7 +172,7 @@ def test_speed_tier_skips_the_scheduled_steps_and_records_them(prefect_server, w
 
     # The schedule, computed here from the published figures and the checkpoint's time embedding.
     pipe = pipelines.process_engines().pipeline("tiny", "cpu")
-    plan = plan_sampling(pipe.spec, request.steps, request.shift, request.solver)
+    plan = plan_steps(pipe.spec, request.steps, request.shift, request.solver)
     cache = record["step_cache"]
     expected = teacache_schedule(plan, teacache_rel_l1(pipe.experts, plan, "e0"), 0.25,
                                  published_coefficients("t2v-A14B", "e0"), batched=cache["batched"])

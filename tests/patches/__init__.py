@@ -11,6 +11,12 @@ import pytest
 import torch
 
 import wan_engine
+from wan_engine import ModelSpec
+
+# TI2V-5B as released (one DiT, no preset yet): what its step-cache schedules are planned from
+TI2V_SPEC = ModelSpec(name="ti2v-5B", task="ti2v", experts=(".",), vae_file="Wan2.2_VAE.pth",
+                      sizes=((1280, 704), (704, 1280)), fps=24, steps=50, shift=5.0, guide_scale=(5.0, 5.0),
+                      boundary=None, frame_num=121, vae_stride=(4, 16, 16), z_dim=48)
 
 
 @cache

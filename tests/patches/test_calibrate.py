@@ -9,9 +9,11 @@ import pytest
 
 from patches.calibrate import calibrate
 from patches.magcache import MagCacheConfig, apply_magcache, magcache_schedule
-from patches.step_cache import CALIBRATION_FILE, find_calibration, load_calibrations, plan_sampling
+from patches.step_cache import CALIBRATION_FILE, find_calibration, load_calibrations
 from patches.teacache import TeaCacheConfig, apply_teacache
 from tests.patches import tiny_pipeline
+from wan_engine import RunHook, plan_steps
+from wan_engine.hooks import HookRegistry
 
 RUN = dict(size=(64, 64), frame_num=5, seed=1)
 
@@ -21,22 +23,24 @@ def pipe(tmp_path):
     """The tiny pipeline with its own checkpoint folder for calibration files (models shared)."""
     pipe = copy.copy(tiny_pipeline())
     pipe.checkpoint_dir = tmp_path
-    pipe.block_stack_hook = None
+    pipe.hooks = HookRegistry()
     return pipe
 
 
 def test_calibration_is_written_next_to_the_checkpoint_and_preferred(pipe, tmp_path):
     residuals = {}
 
-    def capture(call, tokens, run_blocks):  # an earlier hook: calibration chains to it
-        out = run_blocks(tokens)
-        for i, branch in enumerate(call.branches):
-            residuals[call.step, branch] = (out - tokens)[i]  # [L, C]
-        return out
+    class Capture(RunHook):  # an earlier hook: calibration wraps it
+        def block_stack(self, call, tokens, run_blocks):
+            out = run_blocks(tokens)
+            for i, branch in enumerate(call.branches):
+                residuals[call.step, branch] = (out - tokens)[i]  # [L, C]
+            return out
 
-    pipe.block_stack_hook = capture
+    capture = Capture()
+    pipe.hooks.register(capture)
     result = calibrate(pipe, "a red car in the city", steps=8, **RUN)
-    assert pipe.block_stack_hook is capture
+    assert list(pipe.hooks) == [capture]
     assert result.path == tmp_path / CALIBRATION_FILE and result.path.is_file()
     entry = json.loads(result.path.read_text())["entries"][0]
     assert entry == result.entry and (entry["steps"], entry["shift"], entry["solver"]) == (8, 12.0, "unipc")
@@ -53,7 +57,7 @@ def test_calibration_is_written_next_to_the_checkpoint_and_preferred(pipe, tmp_p
         fit = entry["teacache"][signal]
         assert len(fit["x"]) == len(fit["y"]) == 2 * 6 and len(fit["coefficients"]) == 5  # no y at phase starts
 
-    plan = plan_sampling(pipe.spec, 8)
+    plan = plan_steps(pipe.spec, 8)
     handle = apply_magcache(pipe, MagCacheConfig(threshold=0.3, retention_ratio=0.0), steps=8)
     try:
         schedule = handle.schedule
@@ -67,7 +71,7 @@ def test_calibration_is_written_next_to_the_checkpoint_and_preferred(pipe, tmp_p
     handle = apply_teacache(pipe, TeaCacheConfig(use_calibration=True), steps=8)
     assert handle.schedule.settings["coefficients"].startswith("calibration")
     handle.remove()
-    assert pipe.block_stack_hook is capture
+    assert list(pipe.hooks) == [capture]
 
 
 def test_entries_are_kept_per_setting_and_the_closest_is_chosen(pipe, tmp_path):
@@ -76,8 +80,8 @@ def test_entries_are_kept_per_setting_and_the_closest_is_chosen(pipe, tmp_path):
     calibrate(pipe, "a dog", steps=3, **RUN)  # replaces the 3-step entry
     entries = load_calibrations(tmp_path / CALIBRATION_FILE)
     assert [(e["steps"], e["prompt"]) for e in entries] == [(2, "a red car"), (3, "a dog")]
-    assert find_calibration(tmp_path, plan_sampling(pipe.spec, 2))[1]["steps"] == 2
-    assert find_calibration(tmp_path, plan_sampling(pipe.spec, 40))[1]["steps"] == 3  # newest, resampled
+    assert find_calibration(tmp_path, plan_steps(pipe.spec, 2))[1]["steps"] == 2
+    assert find_calibration(tmp_path, plan_steps(pipe.spec, 40))[1]["steps"] == 3  # newest, resampled
     handle = apply_magcache(pipe, steps=40)  # 40 steps from a 3-step curve: nearest neighbour
     assert handle.schedule.settings["ratios"].endswith("(3 steps)")
     handle.remove()

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import patches.compile as compile_patch
+from patches import torch_internals
 from patches.compile import (
     CACHE_ENV,
     CompileConfig,
@@ -114,7 +114,7 @@ def test_a_new_signature_or_attention_backend_compiles_anew_and_a_rejected_artif
     with apply_compile(pipe, CompileConfig(backend="aot_eager")) as handle:
         generate(pipe)   # batch 2 (cond and uncond as one batch)
         (batch2,) = artifacts()
-        warm_up(pipe, (64, 64), 5, batch=1)
+        warm_up(pipe, pipe.plan(size=(64, 64), frame_num=5, cfg="sequential"))   # batch 1
         (batch1,) = set(artifacts()) - {batch2}
         assert handle.precompiled.events == {"saved": 2}
 
@@ -154,12 +154,12 @@ def test_a_corrupt_artifact_is_compiled_again_and_replaced(pipe, reference):
 def test_without_aot_compile_the_blocks_fall_back_to_torch_compile(pipe, reference, monkeypatch, caplog):
     attempts = []
 
-    def unavailable():
+    def unavailable(*args):
         attempts.append(1)
         raise AttributeError("'function' object has no attribute 'aot_compile'")
 
-    monkeypatch.setattr(compile_patch, "_aot_compile_enabled", unavailable)
-    caplog.set_level(logging.INFO, logger="patches.compile")
+    monkeypatch.setattr(torch_internals, "aot_compile", unavailable)
+    caplog.set_level(logging.INFO, logger="patches.precompiled")
     torch.compiler.reset()
     with apply_compile(pipe, CompileConfig(backend="eager")) as handle:
         assert torch.equal(generate(pipe), reference)
@@ -181,7 +181,7 @@ def test_warm_up_compiles_one_graph_for_every_block_of_both_experts(pipe):
     backend = CountingBackend()
     torch.compiler.reset()
     with apply_compile(pipe, CompileConfig(backend=backend)):
-        seconds = warm_up(pipe, (64, 64), 5)
+        seconds = warm_up(pipe, pipe.plan(size=(64, 64), frame_num=5, steps=2))
         assert seconds > 0 and backend.graphs == 1
         generate(pipe)  # the run at the warmed shape compiles nothing more
         assert backend.graphs == 1
@@ -206,7 +206,7 @@ def test_inductor_cache_goes_under_wanflow_unless_the_user_chose(pipe, monkeypat
     assert os.environ[CACHE_ENV] == str(tmp_path / "mine")
 
     # torch._dynamo's import writes torch's default dir into the environment: that is no one's choice
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default_cache_dir = torch_internals.default_cache_dir
 
     monkeypatch.setenv(CACHE_ENV, default_cache_dir())
     with apply_compile(pipe, CompileConfig()) as handle:
@@ -218,7 +218,42 @@ def test_inductor_cache_goes_under_wanflow_unless_the_user_chose(pipe, monkeypat
 def test_inductor_compile_is_off_on_a_cpu_but_trace_backends_run_anywhere():
     on, why = compile_status("cpu")
     assert not on and "no CUDA GPU" in why
-    assert compile_status("cpu", "eager")[0]
+    on, why = compile_status("cpu", "eager")
+    assert on and f"precompiled blocks on (torch {torch.__version__})" in why
+
+
+def test_the_block_triton_option_is_part_of_the_artifact_key(pipe, reference):
+    with apply_compile(pipe, CompileConfig(backend="eager")) as handle:
+        generate(pipe)
+        for dit in pipe.experts.values():
+            dit.set_triton(False)
+        try:
+            assert torch.equal(generate(pipe), reference)   # a CPU never takes the kernels: same video
+        finally:
+            for dit in pipe.experts.values():
+                dit.set_triton(True)
+        assert handle.precompiled.events == {"saved": 2}
+    assert len(artifacts()) == 2
+
+
+@pytest.mark.parametrize(("version", "known"), [("2.11.0+cu128", True), ("2.13.0+cpu", True),
+                                                ("2.12.1", False), ("3.0.0", False)])
+def test_precompiling_runs_on_the_torch_releases_it_was_checked_on(version, known):
+    on, why = torch_internals.precompile_status(version)
+    assert on == (known and hasattr(torch.compiler, "load_compiled_function"))
+    if not known:
+        assert why == f"torch {version} is not a release its experimental API was checked on (2.11, 2.13)"
+
+
+def test_an_unknown_torch_keeps_the_plain_path_and_says_why(pipe, reference, monkeypatch):
+    monkeypatch.setattr(torch_internals, "KNOWN_TORCH", ())
+    on, why = compile_status("cpu", "eager")
+    assert on and f"precompiled blocks off (torch {torch.__version__} is not a release" in why
+    torch.compiler.reset()
+    with apply_compile(pipe, CompileConfig(backend="eager")) as handle:
+        assert torch.equal(generate(pipe), reference)
+        assert handle.precompiled is None and handle.warm_start == "torch.compile, cold"
+    assert not artifacts()
 
 
 @pytest.mark.gpu

@@ -12,8 +12,9 @@ from patches.magcache import (
     published_ratios,
     resample_nearest,
 )
-from patches.step_cache import BRANCHES, SamplingPlan, plan_sampling
-from wan_engine.samplers import make_schedule
+from patches.step_cache import BRANCHES
+from tests.patches import TI2V_SPEC
+from wan_engine import MODEL_SPECS, plan_steps
 
 # T2V-A14B, 40 steps, shift 12, the published E006K2R04 (threshold 0.06, K 2, retention 0.4), by hand:
 # - steps 0-25 are high-noise (t >= 875), so split = 26; retention: high-noise steps < int(26 * 0.4) = 10,
@@ -30,7 +31,7 @@ I2V_A14B_COMPUTED = [*range(17), 19, 22, 25, 28, 30, 32, *range(34, 40)]
 
 
 def _published(model: str, steps: int = 40, **overrides):
-    plan = plan_sampling(model, steps)
+    plan = plan_steps(MODEL_SPECS[model], steps)
     threshold, k, retention = MagCacheConfig(**overrides).resolve(model)
     return magcache_schedule(plan, published_ratios(model), threshold, k, retention)
 
@@ -84,8 +85,7 @@ def test_single_expert_schedule_matches_the_published_loop(steps, threshold, k, 
     """TI2V-5B's published curve (50 steps, one DiT): identical decisions, call by call, at its own
     step count and resampled; retention counted in model calls can split a step between branches."""
     ratios = published_ratios("ti2v-5B/t2v")
-    timesteps = tuple(make_schedule("unipc", steps, 5.0).timesteps.tolist())
-    plan = SamplingPlan("ti2v-5B", "ti2v", False, steps, 5.0, "unipc", timesteps, ("model",) * steps)
+    plan = plan_steps(TI2V_SPEC, steps, 5.0)
     schedule = magcache_schedule(plan, ratios, threshold, k, retention)
     ours = [schedule.compute[b][i] for i in range(steps) for b in BRANCHES]
     assert ours == _upstream_single_expert(ratios, steps, threshold, k, retention)
@@ -119,7 +119,7 @@ def test_threshold_zero_computes_every_step():
 
 def test_batched_rows_skip_only_together():
     """cond could skip every step it may (ratios 1), uncond never (ratios 0.5): in one batch both compute."""
-    plan = plan_sampling("t2v-A14B", 40)
+    plan = plan_steps(MODEL_SPECS["t2v-A14B"], 40)
     ratios = [1.0, 0.5] * 39
     separate = magcache_schedule(plan, ratios, 0.06, 2, 0.0)
     assert separate.counts()["skipped"] > 0 and all(separate.compute["uncond"])

@@ -8,16 +8,11 @@ import pytest
 import torch
 
 from patches.magcache import MagCacheConfig, apply_magcache
-from patches.step_cache import (
-    BRANCHES,
-    ScheduleMismatch,
-    SkipSchedule,
-    StepCacheHandle,
-    plan_sampling,
-)
+from patches.step_cache import BRANCHES, SkipSchedule, StepCacheHandle
 from patches.teacache import TeaCacheConfig, apply_teacache
 from tests.patches import tiny_pipeline
-from wan_engine import MODEL_SPECS, BlockCall
+from wan_engine import MODEL_SPECS, BlockCall, RunHook
+from wan_engine.hooks import HookRegistry
 
 STEPS = 4
 RUN = dict(size=(64, 64), frame_num=5, steps=STEPS, seed=1, decode=False)
@@ -26,26 +21,28 @@ RUN = dict(size=(64, 64), frame_num=5, steps=STEPS, seed=1, decode=False)
 @cache
 def uncached_latents() -> torch.Tensor:
     pipe = tiny_pipeline()
-    assert pipe.block_stack_hook is None
+    assert len(pipe.hooks) == 0
     return pipe.generate("a red car in the city", **RUN).latents
 
 
 # ---------------------------------------------------------------- the hook on its own (no model)
 def _stub_pipe():
-    return SimpleNamespace(spec=MODEL_SPECS["tiny"], block_stack_hook=None)
+    return SimpleNamespace(spec=MODEL_SPECS["tiny"], hooks=HookRegistry())
 
 
-def _handle(pipe, compute, steps: int = 4) -> StepCacheHandle:
-    """A handle whose schedule (for separate and for batched rows) is `compute`: branch -> flags per
-    step, or a function of the plan giving them."""
+def _plan(steps: int = 4, cfg: str = "sequential"):
+    """A run plan of the tiny model (its steps and CFG mode are what a step cache reads)."""
+    return tiny_pipeline().plan(size=(64, 64), frame_num=5, steps=steps, cfg=cfg)
 
-    def build(plan):
-        flags = compute(plan) if callable(compute) else compute
-        return {b: SkipSchedule("test", plan, flags, b, {}) for b in (False, True)}
 
-    handle = StepCacheHandle(pipe, build)
-    handle.prepare(steps=steps)
-    return handle
+def _handle(pipe, compute) -> StepCacheHandle:
+    """A handle whose schedule is `compute`: branch -> flags per step, or a function of the steps giving them."""
+
+    def build(steps, branches, batched):
+        flags = compute(steps) if callable(compute) else compute
+        return SkipSchedule("test", steps, {b: flags[b] for b in branches}, batched, {})
+
+    return StepCacheHandle(pipe, build, "test")
 
 
 class Blocks:
@@ -60,27 +57,28 @@ class Blocks:
 
 
 def _call(plan, step, branches=("cond",)):
-    return BlockCall(step, plan.timesteps[step], plan.experts[step], branches)
+    return BlockCall(step, plan.steps.timesteps[step], plan.steps.experts[step], branches)
 
 
 def test_skipped_calls_reuse_the_branch_residual_without_running_blocks():
     pipe = _stub_pipe()
     handle = _handle(pipe, {"cond": (True, False, False, True), "uncond": (True, True, False, True)})
-    plan = handle.schedule.plan
+    plan = _plan()
+    handle.begin_run(plan)
     blocks = Blocks()
     x0c, x0u = torch.full((1, 3, 2), 1.0), torch.full((1, 3, 2), 10.0)
-    out_c = pipe.block_stack_hook(_call(plan, 0), x0c, blocks)
-    out_u = pipe.block_stack_hook(_call(plan, 0, ("uncond",)), x0u, blocks)
+    out_c = handle.block_stack(_call(plan, 0), x0c, blocks)
+    out_u = handle.block_stack(_call(plan, 0, ("uncond",)), x0u, blocks)
     assert blocks.calls == 2
     x1 = torch.full((1, 3, 2), 5.0)
     # cond skips at step 1: its own residual (step 0, cond), not the uncond one
-    assert torch.equal(pipe.block_stack_hook(_call(plan, 1), x1, blocks), x1 + (out_c - x0c))
+    assert torch.equal(handle.block_stack(_call(plan, 1), x1, blocks), x1 + (out_c - x0c))
     assert blocks.calls == 2
-    out_u1 = pipe.block_stack_hook(_call(plan, 1, ("uncond",)), x1, blocks)  # uncond computes at step 1
+    out_u1 = handle.block_stack(_call(plan, 1, ("uncond",)), x1, blocks)  # uncond computes at step 1
     assert blocks.calls == 3 and torch.equal(out_u1, x1 * 2 + 3)
     x2 = torch.full((1, 3, 2), 7.0)
-    assert torch.equal(pipe.block_stack_hook(_call(plan, 2), x2, blocks), x2 + (out_c - x0c))
-    assert torch.equal(pipe.block_stack_hook(_call(plan, 2, ("uncond",)), x2, blocks), x2 + (out_u1 - x1))
+    assert torch.equal(handle.block_stack(_call(plan, 2), x2, blocks), x2 + (out_c - x0c))
+    assert torch.equal(handle.block_stack(_call(plan, 2, ("uncond",)), x2, blocks), x2 + (out_u1 - x1))
     assert blocks.calls == 3
     assert not torch.equal(out_u1 - x1, out_u - x0u)
     assert [c.computed for c in handle.calls] == [True, True, False, True, False, False]
@@ -89,91 +87,98 @@ def test_skipped_calls_reuse_the_branch_residual_without_running_blocks():
 def test_batched_rows_use_their_own_residuals():
     pipe = _stub_pipe()
     handle = _handle(pipe, dict.fromkeys(BRANCHES, (True, False, True, True)))
-    plan = handle.schedule.plan
+    plan = _plan(cfg="batched")
+    handle.begin_run(plan)
     blocks = Blocks()
     x0 = torch.stack([torch.full((3, 2), 1.0), torch.full((3, 2), 10.0)])  # [2, 3, 2]: cond row, uncond row
-    out0 = pipe.block_stack_hook(_call(plan, 0, BRANCHES), x0, blocks)
+    out0 = handle.block_stack(_call(plan, 0, BRANCHES), x0, blocks)
     x1 = torch.randn(2, 3, 2)
-    assert torch.equal(pipe.block_stack_hook(_call(plan, 1, BRANCHES), x1, blocks), x1 + (out0 - x0))
+    assert torch.equal(handle.block_stack(_call(plan, 1, BRANCHES), x1, blocks), x1 + (out0 - x0))
     assert blocks.calls == 1
     assert handle.schedule.batched
 
 
 def test_rows_disagreeing_in_one_batch_are_both_computed():
-    """A schedule made for separate calls met by a batched call: the blocks run for the whole batch."""
+    """Schedules whose rows disagree met by a batched call: the blocks run for the whole batch."""
     pipe = _stub_pipe()
-    _handle(pipe, {"cond": (True, False, True, True), "uncond": (True, True, True, True)})
-    plan = plan_sampling("tiny", 4)
+    handle = _handle(pipe, {"cond": (True, False, True, True), "uncond": (True, True, True, True)})
+    plan = _plan(cfg="batched")
+    handle.begin_run(plan)
     blocks = Blocks()
     x = torch.ones(2, 3, 2)
-    pipe.block_stack_hook(_call(plan, 0, BRANCHES), x, blocks)
-    pipe.block_stack_hook(_call(plan, 1, BRANCHES), x, blocks)
+    handle.block_stack(_call(plan, 0, BRANCHES), x, blocks)
+    handle.block_stack(_call(plan, 1, BRANCHES), x, blocks)
     assert blocks.calls == 2
 
 
 def test_each_expert_keeps_its_own_state():
     """The first low-noise step computes, and a high-noise residual never stands in for a low-noise call."""
-    plan = plan_sampling("tiny", 10)
-    assert plan.experts[:7] == ("high_noise",) * 7 and plan.experts[7:] == ("low_noise",) * 3
+    plan = _plan(10)
+    experts = plan.steps.experts
+    assert experts[:7] == ("high_noise",) * 7 and experts[7:] == ("low_noise",) * 3
     pipe = _stub_pipe()
     flags = (True, False, True, False, False, True, False, True, False, True)
-    handle = _handle(pipe, dict.fromkeys(BRANCHES, flags), steps=10)
+    handle = _handle(pipe, dict.fromkeys(BRANCHES, flags))
+    handle.begin_run(plan)
     assert handle.schedule.rows()["low_noise", "cond"] == {7: True, 8: False, 9: True}
     blocks = Blocks()
-    x = torch.ones(1, 3, 2)
-    for step in range(10):
-        pipe.block_stack_hook(_call(plan, step), x, blocks)
-        # only residuals that a later step of the same expert reuses are held
-        held = set(handle._residuals)
-        assert held == ({(plan.experts[step], "cond")} if step + 1 < 10 and not flags[step + 1] else set())
+    x = torch.full((1, 3, 2), 3.0)
+    outs = [handle.block_stack(_call(plan, step), x, blocks) for step in range(10)]
     assert blocks.calls == sum(flags)
+    # step 8 (low noise, skipped) reuses step 7's residual, not step 5's (high noise)
+    assert torch.equal(outs[8], outs[7]) and not torch.equal(outs[7], outs[5])
 
 
-def test_a_new_run_starts_with_no_cached_state():
+def test_a_new_run_starts_with_no_cached_state_and_ending_a_run_frees_the_residuals():
     pipe = _stub_pipe()
     handle = _handle(pipe, dict.fromkeys(BRANCHES, (True, False, True, True)))
-    plan = handle.schedule.plan
+    plan = _plan()
     blocks = Blocks()
     x = torch.ones(1, 3, 2)
-    for step in (0, 1):  # a cancelled run
-        pipe.block_stack_hook(_call(plan, step), x, blocks)
-    out = pipe.block_stack_hook(_call(plan, 0), x, blocks)  # the next run
+    with pytest.raises(RuntimeError, match="outside a run"):
+        handle.block_stack(_call(plan, 0), x, blocks)
+    handle.begin_run(plan)
+    handle.block_stack(_call(plan, 0), x, blocks)   # a cancelled run
+    handle.end_run()
+    handle.begin_run(plan)
+    out = handle.block_stack(_call(plan, 0), x, blocks)  # the next run
     assert [c.step for c in handle.calls] == [0] and blocks.calls == 2
-    assert torch.equal(pipe.block_stack_hook(_call(plan, 1), x, blocks), x + (out - x))
+    assert torch.equal(handle.block_stack(_call(plan, 1), x, blocks), x + (out - x))
 
 
-def test_a_run_with_other_settings_is_refused():
+def test_the_schedule_is_the_plans_steps():
+    """No settings to prepare: a run of any step count gets the schedule of its own plan."""
     pipe = _stub_pipe()
-    handle = _handle(pipe, lambda plan: dict.fromkeys(BRANCHES, (True,) * plan.steps))
-    other = plan_sampling("tiny", 8)
-    pipe.block_stack_hook(_call(other, 0), torch.ones(1, 3, 2), Blocks())  # step 0 is t=999 for any step count
-    with pytest.raises(ScheduleMismatch, match="prepared for 4 steps"):
-        pipe.block_stack_hook(_call(other, 1), torch.ones(1, 3, 2), Blocks())
-    handle.prepare(steps=8)
-    pipe.block_stack_hook(_call(other, 1), torch.ones(1, 3, 2), Blocks())
+    handle = _handle(pipe, lambda steps: dict.fromkeys(BRANCHES, (True,) * steps.steps))
+    for steps in (4, 8):
+        plan = _plan(steps)
+        handle.begin_run(plan)
+        assert handle.schedule.plan == plan.steps and len(handle.schedule.compute["cond"]) == steps
+        handle.end_run()
+    handle.begin_run(_plan(4, cfg="none"))
+    assert list(handle.schedule.compute) == ["cond"]
 
 
-def test_chains_to_the_hook_already_installed_and_restores_it():
+def test_wraps_the_hooks_registered_before_it_and_removes_only_itself():
     pipe = _stub_pipe()
     seen = []
 
-    def inner(call, tokens, run_blocks):
-        seen.append(call.step)
-        return run_blocks(tokens)
+    class Inner(RunHook):
+        def block_stack(self, call, tokens, run_blocks):
+            seen.append(call.step)
+            return run_blocks(tokens)
 
-    pipe.block_stack_hook = inner
+    inner = Inner()
+    pipe.hooks.register(inner)
     handle = _handle(pipe, dict.fromkeys(BRANCHES, (True, False, True, True)))
-    plan = handle.schedule.plan
+    plan = _plan()
+    pipe.hooks.begin_run(plan)
     for step in range(4):
-        pipe.block_stack_hook(_call(plan, step), torch.ones(1, 3, 2), Blocks())
+        pipe.hooks.bind(_call(plan, step))(torch.ones(1, 3, 2), Blocks())
     assert seen == [0, 2, 3]  # the inner hook sees the computed calls only
-    pipe.block_stack_hook = lambda call, tokens, run_blocks: handle(call, tokens, run_blocks)  # a later patch
-    with pytest.raises(RuntimeError, match="remove it first"):
-        handle.remove()
-    pipe.block_stack_hook = handle  # that patch removed
     handle.remove()
     handle.remove()
-    assert pipe.block_stack_hook is inner
+    assert list(pipe.hooks) == [inner]
 
 
 def test_two_step_caches_do_not_stack():
@@ -182,17 +187,22 @@ def test_two_step_caches_do_not_stack():
     try:
         with pytest.raises(ValueError, match="already applied"):
             apply_teacache(pipe)
-        assert pipe.block_stack_hook is handle
+        assert list(pipe.hooks) == [handle]
     finally:
         handle.remove()
 
 
 # ---------------------------------------------------------------- on the tiny model
-def test_the_plan_is_what_the_engine_runs():
+def test_the_schedule_follows_the_steps_the_engine_runs():
     pipe = tiny_pipeline()
-    plan = plan_sampling(pipe.spec, 40, 12.0, "unipc")
-    assert list(plan.experts) == [pipe.expert_for(t) for t in plan.timesteps]
-    assert plan.split == plan.experts.index("low_noise") and plan.phase_starts == {0, plan.split}
+    handle = apply_magcache(pipe, MagCacheConfig(threshold=0.5, max_skips=2, retention_ratio=0.0))
+    try:
+        result = pipe.generate("a red car", **dict(RUN, steps=10))
+        plan = handle.schedule.plan
+        assert list(plan.experts) == result.experts_per_step and plan.steps == 10
+        assert plan.split == plan.experts.index("low_noise") and plan.phase_starts == {0, plan.split}
+    finally:
+        handle.remove()
 
 
 def test_apply_then_remove_leaves_outputs_bit_identical():
@@ -200,7 +210,7 @@ def test_apply_then_remove_leaves_outputs_bit_identical():
     expected = uncached_latents()
     apply_teacache(pipe, TeaCacheConfig(threshold=0.5), steps=STEPS).remove()
     apply_magcache(pipe, MagCacheConfig(threshold=0.5), steps=STEPS).remove()
-    assert pipe.block_stack_hook is None
+    assert len(pipe.hooks) == 0
     assert torch.equal(pipe.generate("a red car in the city", **RUN).latents, expected)
 
 

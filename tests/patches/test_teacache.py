@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from patches.step_cache import BRANCHES, SamplingPlan, plan_sampling
+from patches.step_cache import BRANCHES
 from patches.teacache import (
     TeaCacheConfig,
     apply_teacache,
@@ -14,8 +14,8 @@ from patches.teacache import (
     teacache_rel_l1,
     teacache_schedule,
 )
-from tests.patches import tiny_pipeline
-from wan_engine.samplers import make_schedule
+from tests.patches import TI2V_SPEC, tiny_pipeline
+from wan_engine import MODEL_SPECS, plan_steps
 
 
 def _upstream(rel, steps, threshold, coefficients, use_ret_steps, phase_starts=frozenset({0})):
@@ -46,7 +46,7 @@ def test_the_signal_is_what_the_model_modulates_with():
     """e and e0 measured inside a real forward at two timesteps give the relative change teacache_rel_l1
     computes before sampling from the expert's modules alone."""
     pipe = tiny_pipeline()
-    plan = plan_sampling(pipe.spec, 10)
+    plan = plan_steps(pipe.spec, 10)
     dit = pipe.experts[plan.experts[1]]
     seen = {}
     hooks = [dit.time_embedding.register_forward_hook(lambda m, a, out: seen.setdefault("e", []).append(out)),
@@ -71,8 +71,7 @@ def test_the_signal_is_what_the_model_modulates_with():
 @pytest.mark.parametrize("threshold", [0.05, 0.2, 0.5])
 def test_single_expert_schedule_matches_the_published_loop(use_ret_steps, threshold):
     steps = 50
-    timesteps = tuple(make_schedule("unipc", steps, 5.0).timesteps.tolist())
-    plan = SamplingPlan("ti2v-5B", "ti2v", False, steps, 5.0, "unipc", timesteps, ("model",) * steps)
+    plan = plan_steps(TI2V_SPEC, steps, 5.0)
     rng = np.random.default_rng(0)
     rel = [None, *rng.uniform(0.005, 0.08, steps - 1).tolist()]
     coefficients = published_coefficients("t2v-A14B", "e0" if use_ret_steps else "e")
@@ -85,7 +84,7 @@ def test_a14b_schedule_at_threshold_0_2_for_40_steps():
     """On the tiny T2V experts' own embeddings: the published loop, each expert's phase opening with a
     computed step; the published T2V-14B 'ret' polynomial."""
     pipe = tiny_pipeline()
-    plan = plan_sampling(pipe.spec, 40)
+    plan = plan_steps(pipe.spec, 40)
     rel = teacache_rel_l1(pipe.experts, plan, "e0")
     coefficients = published_coefficients("t2v-A14B", "e0")
     assert coefficients == (-3.03318725e05, 4.90537029e04, -2.65530556e03, 5.87365115e01, -3.15583525e-01)
@@ -108,7 +107,7 @@ def test_a_polynomial_used_outside_its_fit_is_reported(caplog):
 
 
 def test_i2v_never_skips_in_the_high_noise_phase():
-    plan = plan_sampling("i2v-A14B", 40)
+    plan = plan_steps(MODEL_SPECS["i2v-A14B"], 40)
     rel = [None if i in plan.phase_starts else 1e-3 for i in range(40)]  # tiny changes: skip wherever allowed
     schedule = teacache_schedule(plan, rel, 0.2, published_coefficients("i2v-A14B", "e0"))
     skipped = schedule.skipped_steps()["cond"]
@@ -116,7 +115,7 @@ def test_i2v_never_skips_in_the_high_noise_phase():
 
 
 def test_non_ret_mode_computes_the_first_and_the_last_step():
-    plan = plan_sampling("t2v-A14B", 40)
+    plan = plan_steps(MODEL_SPECS["t2v-A14B"], 40)
     rel = [None if i in plan.phase_starts else 1e-3 for i in range(40)]
     schedule = teacache_schedule(plan, rel, 0.2, published_coefficients("t2v-A14B", "e"), use_ret_steps=False)
     assert schedule.computed_steps()["cond"] == [0, plan.split, 39]
@@ -124,7 +123,7 @@ def test_non_ret_mode_computes_the_first_and_the_last_step():
 
 
 def test_threshold_zero_computes_every_step_even_when_the_polynomial_is_negative():
-    plan = plan_sampling("t2v-A14B", 40)
+    plan = plan_steps(MODEL_SPECS["t2v-A14B"], 40)
     rel = [None if i in plan.phase_starts else 1e-3 for i in range(40)]
     coefficients = published_coefficients("t2v-A14B", "e0")
     assert polyval(coefficients, 1e-3) < 0

@@ -1,8 +1,6 @@
 """Tiers: what each applies on this machine (and why something is off), composition order, exact removal."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -10,8 +8,7 @@ import patches.tiers as tiers
 from patches.base import PatchHandle
 from patches.tiers import TierOptions, apply_tier, describe_tiers, format_tiers
 from tests.patches import generate
-
-has_caches = all(importlib.util.find_spec(m) for m in ("patches.teacache", "patches.magcache"))
+from wan_engine import Denoiser
 
 
 def entries(plan) -> dict:
@@ -26,8 +23,7 @@ def test_cpu_description_says_why_gpu_parts_are_off():
     assert "torch SDPA" in quality["attention"].detail and "compile" not in quality
     assert not balanced["compile"].on and "no CUDA GPU" in balanced["compile"].detail
     assert "I2V only" in balanced["magcache"].detail
-    if has_caches:
-        assert speed["teacache"].on and "0.25" in speed["teacache"].detail
+    assert speed["teacache"].on and "0.25" in speed["teacache"].detail
     text = format_tiers(described)
     assert "balanced:" in text and "compile" in text and "off" in text
 
@@ -64,28 +60,27 @@ def test_patches_apply_in_order_and_remove_last_first(pipe, monkeypatch):
 
 
 def test_vae_decode_is_off_for_a_pipeline_without_vae(pipe, monkeypatch):
-    """`wanflow bench` holds DiTs only: a compiled tier must still apply there (the VAE patch is off)."""
+    """`wanflow bench` holds a bare Denoiser: a compiled tier must still apply there (the VAE patch is off)."""
     monkeypatch.setattr(tiers, "vae_decode_status", lambda device: (True, "test"))
-    monkeypatch.setattr(pipe, "vae", None)
-    entry = next(p for p in tiers.plan_tier("balanced", pipe.device, pipe=pipe) if p.name == "vae_decode")
+    denoiser = Denoiser(pipe.spec, pipe.experts, pipe.device, pipe.dtype, pipe.memory)
+    entry = next(p for p in tiers.plan_tier("balanced", pipe.device, pipe=denoiser) if p.name == "vae_decode")
     assert (entry.on, entry.detail) == (False, "this pipeline has no VAE")
-    handle = apply_tier(pipe, "balanced", TierOptions(compile_backend="eager"))
+    handle = apply_tier(denoiser, "balanced", TierOptions(compile_backend="eager"))
     handle.remove()
 
-@pytest.mark.parametrize("tier", ["quality", "balanced"] + (["speed"] if has_caches else []))
+
+@pytest.mark.parametrize("tier", ["quality", "balanced", "speed"])
 def test_apply_then_remove_is_bit_identical(pipe, reference, tier):
     handle = apply_tier(pipe, tier, TierOptions(compile_backend="eager", threshold=0.5), steps=2)
     patched = generate(pipe)
     if tier != "speed":
         assert torch.equal(patched, reference)
     handle.remove()
-    assert pipe.block_stack_hook is None
-    assert all(block._compiled_call_impl is None for block in pipe.repeated_blocks())
+    assert len(pipe.hooks) == 0
     assert torch.equal(generate(pipe), reference)
 
 
-@pytest.mark.skipif(not has_caches, reason="patches.teacache / patches.magcache not there yet")
 def test_speed_tier_hands_out_its_step_cache(pipe):
     with apply_tier(pipe, "speed", TierOptions(compile_backend="eager"), steps=2) as handle:
-        assert handle.step_cache is pipe.block_stack_hook
+        assert list(pipe.hooks) == [handle.step_cache]
         assert [name for name, _ in handle.applied][-1] == "teacache"

@@ -18,6 +18,6 @@ def test_the_warm_up_body_says_why_it_compiles_nothing(no_prefect_server, fresh_
 def test_the_warm_up_body_compiles_the_runs_shape(no_prefect_server, fresh_engines, monkeypatch, tmp_path):
     monkeypatch.setattr(pipelines, "COMPILE_BACKEND", "eager")  # traces without generating kernels: a CPU can
     warm = warm_up_compile.fn(tiny_run(tier="balanced", frame_count=9), str(tmp_path), fresh_engines)
-    assert warm.compiled and warm.seconds > 0 and "warmed 64*64, 9 frames" in warm.detail
+    assert warm.compiled and warm.seconds > 0 and "warmed 64*64, 9 frames, latent grid 8x8, CFG batched" in warm.detail
     assert fresh_engines.holds("tiny", "cpu")  # loaded, tier applied: denoise finds it ready
     assert warm.record() == {"compiled": True, "seconds": round(warm.seconds, 3), "detail": warm.detail}

@@ -8,7 +8,7 @@ from PIL import Image
 
 import wan_engine
 from tests.conftest import ORACLE_DIR, load_ref, rel_err
-from wan_engine.pipeline import i2v_latent_grid
+from wan_engine import RunHook
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +40,55 @@ def test_t2v_loop_matches_official(t2v_pipe, name):
 
 
 def test_t2v_noise_is_drawn_like_the_official_code(t2v_pipe):
-    """Same seed on the CPU -> the same initial noise as the official pipeline."""
+    """Same seed on the CPU -> the pipeline's own draw is the official pipeline's initial noise."""
     run = load_ref("e_t2v_loop.pt")["runs"]["unipc_shift12"]
+    plan = t2v_pipe.plan(size=tuple(run["size_wh"]), frame_num=run["frame_num"], seed=run["seed"])
+    assert torch.equal(plan.noise, run["noise"])
+    other = t2v_pipe.plan(size=tuple(run["size_wh"]), frame_num=run["frame_num"], seed=run["seed"] + 1)
+    assert not torch.equal(other.noise, plan.noise)
+
+
+def test_plan_holds_what_the_run_decides(t2v_pipe):
+    plan = t2v_pipe.plan(size=(96, 64), frame_num=9, steps=6, shift=12.0, guide_scale=(3.0, 4.0), seed=5)
+    assert (plan.grid.shape, plan.grid.tokens) == ((3, 8, 12), 3 * 4 * 6)
+    assert plan.noise.shape == (16, 3, 8, 12) and plan.pixel_size == (96, 64)
+    s = plan.steps
+    assert s.steps == 6 and len(s.sigmas) == 7 and s.sigmas[-1] == 0 and s.timesteps[0] == 999
+    assert s.experts == tuple("high_noise" if t >= 875 else "low_noise" for t in s.timesteps)
+    assert s.guide_scales == tuple(4.0 if e == "high_noise" else 3.0 for e in s.experts)
+    assert plan.cfg == "batched"    # the CPU default
+    assert t2v_pipe.plan(size=(64, 64), frame_num=5, guide_scale=1.0).cfg == "none"
+
+
+def test_generate_is_plan_encode_sample_decode(t2v_pipe):
     steps = []
-    t2v_pipe.generate(run["prompt"], run["n_prompt"], size=tuple(run["size_wh"]), frame_num=run["frame_num"],
-                      steps=1, shift=run["shift"], guide_scale=_guide(run), seed=run["seed"], decode=False,
-                      callback=steps.append)
-    gen = torch.Generator().manual_seed(run["seed"])
-    assert torch.equal(torch.randn(run["noise"].shape, generator=gen), run["noise"])
-    assert len(steps) == 1 and steps[0].total == 1 and steps[0].expert == "high_noise"
+    result = t2v_pipe.generate("a red car", "blurry", size=(64, 64), frame_num=5, steps=3, seed=2,
+                               callback=steps.append)
+    plan = t2v_pipe.plan(size=(64, 64), frame_num=5, steps=3, seed=2)
+    text = t2v_pipe.encode_prompt(plan, "a red car", "blurry")
+    sampled = t2v_pipe.sample(plan, text.context, t2v_pipe.encode_conditioning(plan))
+    assert torch.equal(sampled.latents[0], result.latents)
+    assert np.array_equal(t2v_pipe.decode(sampled.latents[0]), result.frames)
+    assert [s.step for s in steps] == [0, 1, 2] and steps[0].total == 3 and steps[0].expert == "high_noise"
+    assert sampled.experts_per_step == result.experts_per_step
+
+
+def test_guide_scale_one_runs_one_forward_per_step_without_a_negative_prompt(t2v_pipe):
+    calls = []
+
+    class Record(RunHook):
+        def block_stack(self, call, tokens, run_blocks):
+            calls.append(call.branches)
+            return run_blocks(tokens)
+
+    hook = Record()
+    t2v_pipe.hooks.register(hook)
+    try:
+        result = t2v_pipe.generate("a red car", size=(64, 64), frame_num=5, steps=3, guide_scale=1.0, decode=False)
+    finally:
+        t2v_pipe.hooks.remove(hook)
+    assert calls == [("cond",)] * 3
+    assert list(result.prompt_tokens) == ["prompt"] and result.settings["cfg"] == "none"
 
 
 def _ref_image(run) -> Image.Image:
@@ -60,8 +100,9 @@ def test_i2v_loop_matches_official(i2v_pipe, name):
     run = load_ref("e_i2v_loop.pt")["runs"][name]
     image = _ref_image(run)
     # size only sets the area; the image sets the aspect ratio
-    assert i2v_latent_grid(tuple(run["image"].shape[:2]), run["max_area"]) == tuple(run["lat_hw"])
-    y = i2v_pipe.image_conditioning(image, _area_size(run["max_area"]), run["frame_num"])
+    plan = i2v_pipe.plan(image=image, size=_area_size(run["max_area"]), frame_num=run["frame_num"])
+    assert (plan.grid.height, plan.grid.width) == tuple(run["lat_hw"])
+    y = i2v_pipe.encode_conditioning(plan)
     assert rel_err(y[0], run["y"]) < 1e-4
     result = i2v_pipe.generate(run["prompt"], run["n_prompt"], image=image, size=_area_size(run["max_area"]),
                                frame_num=run["frame_num"], steps=run["sampling_steps"], shift=run["shift"],
@@ -102,24 +143,50 @@ def test_cancellation_stops_between_steps(t2v_pipe):
     assert len(seen) == 2
 
 
+def test_a_cancelled_run_still_ends_for_its_hooks(t2v_pipe):
+    ended = []
+
+    class Record(RunHook):
+        def end_run(self):
+            ended.append(True)
+
+    hook = Record()
+    t2v_pipe.hooks.register(hook)
+    try:
+        with pytest.raises(wan_engine.GenerationCancelled):
+            t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=2, should_cancel=lambda: True)
+    finally:
+        t2v_pipe.hooks.remove(hook)
+    assert ended == [True]
+
+
 @pytest.mark.parametrize("cfg_batch", [True, False])
 def test_block_stack_hook_sees_every_call(t2v_pipe, cfg_batch):
-    calls = []
+    calls, runs = [], []
 
-    def hook(call, tokens, run_blocks):
-        calls.append(call)
-        assert tokens.shape[0] == len(call.branches)
-        return run_blocks(tokens)
+    class Record(RunHook):
+        def begin_run(self, plan):
+            runs.append(("begin", plan.steps.steps, plan.cfg))
 
+        def block_stack(self, call, tokens, run_blocks):
+            calls.append(call)
+            assert tokens.shape[0] == len(call.branches)
+            return run_blocks(tokens)
+
+        def end_run(self):
+            runs.append(("end",))
+
+    hook = Record()
     t2v_pipe.cfg_batch = cfg_batch
     try:
         plain = t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=3, seed=1, decode=False)
-        t2v_pipe.block_stack_hook = hook
+        t2v_pipe.hooks.register(hook)
         hooked = t2v_pipe.generate("x", size=(64, 64), frame_num=5, steps=3, seed=1, decode=False)
     finally:
-        t2v_pipe.block_stack_hook = None
+        t2v_pipe.hooks.remove(hook)
         t2v_pipe.cfg_batch = None
     assert torch.equal(plain.latents, hooked.latents)
+    assert runs == [("begin", 3, "batched" if cfg_batch else "sequential"), ("end",)]
     if cfg_batch:
         assert [(c.step, c.branches) for c in calls] == [(s, ("cond", "uncond")) for s in range(3)]
     else:

@@ -185,7 +185,7 @@ def block_inputs(device: str, dim: int, grid: tuple[int, int, int], text_len: in
 
 
 @torch.no_grad()
-def test_compiled_block_keeps_the_kernels(device, monkeypatch):
+def test_compiled_block_keeps_the_kernels(device):
     """aot_eager traces the block whole with our ops as graph nodes (out-of-place forms), and the
     traced block computes what the eager kernels do; the kernel path stays close to the plain one."""
     dim, heads = 128, 4
@@ -203,9 +203,13 @@ def test_compiled_block_keeps_the_kernels(device, monkeypatch):
                                                   "add_gated"] + ["rms_norm_rope"] * 4)
     assert rel_err(compiled, eager) < 1e-5
 
-    monkeypatch.setattr(dit_module, "triton_kernels", None)
+    block.triton = False   # the block's own option: the plain path, with none of our ops in its graph
     plain = block(x, mod, context, rope)
     assert rel_err(eager, plain) < 1e-2
+    torch._dynamo.reset()
+    recorder = GraphRecorder("aot_eager")
+    torch.compile(block, backend=recorder, fullgraph=True)(x, mod, context, rope)
+    assert recorder.op_calls() == []
 
 
 @pytest.mark.gpu

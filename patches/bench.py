@@ -5,7 +5,7 @@ filled with random weights directly on the device, so no checkpoint is needed. F
 reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
 forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
 through the cache), the MFU against a bf16 8192^3 GEMM measured here, peak memory, the card's energy
-per forward with mean power and SM clock (NVML, tasks.power: at the power cap time follows energy),
+per forward with mean power and SM clock (NVML, patches.power: at the power cap time follows energy),
 and for compiled tiers the compile overhead (first call minus a steady forward) cold (fresh inductor
 cache) and warm (a second process finding that cache on disk: this module re-runs itself as a
 subprocess).
@@ -18,7 +18,7 @@ compiled tier obtained its code: cold (compiled, artifact saved) in the parent, 
 precompiled artifact loaded, or torch.compile with an FX-cache hit, or cold (see patches.compile).
 
     wanflow bench --model t2v-A14B --size 832*480 --frames 81 --tiers quality,balanced
-    python -m flows.bench --model tiny
+    python -m patches.bench --model tiny
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
-from patches.tiers import TIERS, TierOptions, apply_tier, plan_tier
-from tasks.power import PowerMeter, PowerReading
-from wan_engine import MODEL_SPECS, BlockCall, ModelSpec, WanPipeline
+from wan_engine import MODEL_SPECS, Denoiser, ModelSpec
 from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
-from wan_engine.samplers import make_schedule
 from wan_engine.tiny import TINY_DIT, random_dit
+
+from .power import PowerMeter, PowerReading
+from .tiers import TIERS, TierOptions, apply_tier, plan_tier
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def measure_gemm_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * iters / seconds
 
 
-def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts: int = 1) -> WanPipeline:
-    """A pipeline holding only random DiT experts (no text encoder or VAE: the bench calls the DiT).
-    With experts=1 an A14B pipeline holds one DiT under both expert names."""
+def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts: int = 1) -> Denoiser:
+    """The engine's denoiser over random DiT experts (no text encoder or VAE: the bench feeds it random
+    text contexts). With experts=1 an A14B denoiser holds one DiT under both expert names."""
     bm = BENCH_MODELS[model]
     if bm.spec.is_moe:
         high = random_dit(bm.dit, device, dtype, seed=1)
@@ -132,25 +132,24 @@ def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts
         dits = {"high_noise": high, "low_noise": low}
     else:
         dits = {"model": random_dit(bm.dit, device, dtype)}
-    return WanPipeline(bm.spec, dits, None, None, None, device, dtype, MemoryPlan(True, True), Path("."))
+    return Denoiser(bm.spec, dits, device, dtype, MemoryPlan(True, True))
 
 
-def dit_inputs(pipe: WanPipeline, size: tuple[int, int], frames: int) -> dict:
-    """Random DiT inputs of one branch at the run's shape (TI2V: per-token timesteps, frame 0 clean)."""
-    spec, cfg = pipe.spec, next(iter(pipe.experts.values())).config
-    w, h = size
-    grid = ((frames - 1) // spec.vae_stride[0] + 1, h // spec.vae_stride[1], w // spec.vae_stride[2])
+def dit_inputs(pipe: Denoiser, size: tuple[int, int], frames: int, steps: int | None = None) -> dict:
+    """Random inputs of one branch at the run's shape, from the engine's plan of that run (TI2V: per-token
+    timesteps, frame 0 clean), and the random text and conditioning a sampling loop reads."""
+    cfg = next(iter(pipe.experts.values())).config
+    plan = pipe.plan(size=size, frame_num=frames, steps=steps, seed=0)
     gen = torch.Generator(device=pipe.device).manual_seed(0)
-    x = torch.randn(1, spec.z_dim, *grid, generator=gen, device=pipe.device)  # [1, z, f, h, w]
-    extra = cfg.in_dim - spec.z_dim
-    y = torch.randn(1, extra, *grid, generator=gen, device=pipe.device) if extra else None
-    tokens = grid[0] * grid[1] * grid[2] // (cfg.patch_size[1] * cfg.patch_size[2])
+    grid, tokens = plan.grid.shape, plan.grid.tokens
+    extra = cfg.in_dim - pipe.spec.z_dim
+    y = torch.randn(1, extra, *grid, generator=gen, device=pipe.device) if extra else None   # [1, C_y, f, h, w]
     t = torch.full((1,), TIMESTEP, device=pipe.device)
     if cfg.model_type == "ti2v":
         t = torch.full((1, tokens), TIMESTEP, device=pipe.device)
         t[:, : tokens // grid[0]] = 0   # TI2V's first latent frame is the given image: timestep 0
     context = torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen, device=pipe.device).to(pipe.dtype)
-    return dict(x=x, t=t, context=context, y=y, tokens=tokens)
+    return dict(x=plan.noise[None], t=t, context=context, y=y, tokens=tokens, size=size, frames=frames)
 
 
 def both_branches(inputs: dict) -> dict:
@@ -163,26 +162,13 @@ def both_branches(inputs: dict) -> dict:
 
 
 @torch.no_grad()
-def sampling_loop(pipe: WanPipeline, inputs: dict, steps: int | None, batched: bool) -> float:
-    """The model calls of a whole sampling loop (per step cond and uncond, as one batch-2 call when
-    `batched`, with the expert of the timestep) through the pipeline's block-stack hook, as `generate`
-    makes them. Returns seconds per step."""
-    spec = pipe.spec
-    timesteps = make_schedule("unipc", steps or spec.steps, spec.shift).timesteps.tolist()
-    hook = pipe.block_stack_hook
-    calls = [(("cond", "uncond"), both_branches(inputs))] if batched else [
-        (("cond",), inputs), (("uncond",), inputs)]
-
-    def loop() -> None:
-        for i, t in enumerate(timesteps):
-            name = pipe.expert_for(t)
-            for branches, a in calls:
-                call = BlockCall(i, int(t), name, branches)
-                bound = None if hook is None else (lambda tokens, run, c=call: hook(c, tokens, run))
-                t_in = torch.where(a["t"] > 0, t, 0)  # TI2V's clean first frame stays at 0
-                pipe.experts[name](a["x"], t_in, a["context"], y=a["y"], block_stack_hook=bound)
-
-    return timed(loop, pipe.device) / len(timesteps)
+def sampling_loop(pipe: Denoiser, inputs: dict, steps: int | None, batched: bool) -> float:
+    """The engine's own sampling loop over a plan of the run (the tier's hooks see every call, as in a
+    real run), with random text contexts. Returns seconds per step."""
+    plan = pipe.plan(size=inputs["size"], frame_num=inputs["frames"], steps=steps, seed=0,
+                     cfg="batched" if batched else "sequential")
+    context = both_branches(inputs)["context"]   # [2, Lc, text_dim]: rows cond, uncond
+    return timed(lambda: pipe.sample(plan, context, inputs["y"]), pipe.device) / plan.steps.steps
 
 
 @contextmanager
@@ -204,14 +190,14 @@ def inductor_cache(directory: Path) -> Iterator[None]:
                 os.environ[n] = v
 
 
-def _measure_tier(pipe: WanPipeline, tier: str, inputs: dict, repeats: int, options: TierOptions,
+def _measure_tier(pipe: Denoiser, tier: str, inputs: dict, repeats: int, options: TierOptions,
                   steps: int | None, per_step: bool = True) -> dict:
     """First call and steady batch-1 forwards of one tier; with `per_step` also a denoising step as
     the run makes it (one batch-2 forward or two forwards; with a step cache the whole sampling loop)
     and peak memory. A compiled tier's first call follows one eager forward of the quality tier at the
     same shape, so that it measures the compile and not the process's warm-up."""
     device = pipe.device
-    dit = pipe.experts[pipe.expert_for(TIMESTEP)] if pipe.spec.is_moe else next(iter(pipe.experts.values()))
+    dit = next(iter(pipe.experts.values()))   # the high-noise expert of an A14B pair: TIMESTEP is in its range
 
     def forward(a: dict = inputs) -> None:
         with torch.no_grad():
@@ -338,7 +324,7 @@ def _child_measurement(model: str, size: tuple[int, int], frames: int, tier: str
     `cache_dir` on disk."""
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir), TRITON_CACHE_DIR=str(cache_dir / "triton"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "flows.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
+    cmd = [sys.executable, "-m", "patches.bench", "--child", "--model", model, "--size", f"{size[0]}*{size[1]}",
            "--frames", str(frames), "--tiers", tier, "--device", str(device), "--attention", options.attention,
            "--compile-backend", options.compile_backend]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -401,7 +387,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The bench's options, for `wanflow bench` (flows/cli.py) and `python -m flows.bench`."""
+    """The bench's options, for `wanflow bench` (flows/cli.py) and `python -m patches.bench`."""
     parser.add_argument("--model", choices=sorted(BENCH_MODELS), default="t2v-A14B")
     parser.add_argument("--size", help="W*H (default: the model's usual size)")
     parser.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's usual count)")

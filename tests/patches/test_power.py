@@ -1,8 +1,8 @@
-"""tasks.power: the energy, power and clock reading around a piece of GPU work."""
+"""patches.power: the energy, power and clock reading around a piece of GPU work."""
 import pytest
 import torch
 
-from tasks.power import PowerMeter, PowerReading
+from patches.power import PowerMeter, PowerReading
 
 
 def test_no_reading_for_cpu_work():

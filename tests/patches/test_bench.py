@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-import flows.bench as bench
-from flows.bench import BENCH_MODELS, BenchRow, bench_pipeline, dit_inputs, format_table, main, run_bench
+import patches.bench as bench
+from patches.bench import BENCH_MODELS, BenchRow, bench_pipeline, dit_inputs, format_table, main, run_bench
 from patches.tiers import TierOptions
 from wan_engine.dit import WanDiT
 
