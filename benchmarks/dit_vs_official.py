@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 
 from patches.power import PowerMeter, PowerReading  # noqa: E402
 from wan_engine.dit import DiTConfig  # noqa: E402
+from wan_engine.sizes import Size  # noqa: E402
 from wan_engine.tiny import random_dit  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
@@ -220,7 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     arch = SMOKE if args.smoke else A14B
     wdtype = torch.float32 if args.smoke else torch.bfloat16
-    w, h = (int(v) for v in args.size.split("*"))
+    w, h = Size.parse(args.size)
     dev = torch.device("cpu" if args.smoke else "cuda")
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - set(MODELS)

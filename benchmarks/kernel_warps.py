@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_engine import triton_kernels as K  # noqa: E402
 from wan_engine.dit import rope_tables  # noqa: E402
+from wan_engine.sizes import Size  # noqa: E402
 
 WARPS = (4, 8, 16, 32)
 
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=5120)
     ap.add_argument("--heads", type=int, default=40)
     args = ap.parse_args()
-    w, h = (int(v) for v in args.size.split("*"))
+    w, h = Size.parse(args.size)
     grid = ((args.frames - 1) // 4 + 1, h // 16, w // 16)
     L, C, H = grid[0] * grid[1] * grid[2], args.dim, args.heads
     xs = torch.randn(1, L, C, device="cuda")

@@ -40,6 +40,7 @@ from torch.library import wrap_triton  # noqa: E402
 from patches.power import PowerMeter  # noqa: E402
 from wan_engine import dit as dit_module  # noqa: E402
 from wan_engine import triton_kernels as K  # noqa: E402
+from wan_engine.sizes import Size  # noqa: E402
 
 
 def metered(name: str, fn, flops: float | None = None, repeats: int = 10) -> None:
@@ -242,7 +243,7 @@ def main() -> None:
     ap.add_argument("--autotune", action="store_true", help="also inductor max-autotune GEMMs (minutes)")
     ap.add_argument("--fp8-blocks", type=int, default=0, help="also the FP8 FFN probe on this many blocks")
     args = ap.parse_args()
-    w, h = (int(v) for v in args.size.split("*"))
+    w, h = Size.parse(args.size)
     lat = (16, (args.frames - 1) // 4 + 1, h // 8, w // 8)
     L = lat[1] * lat[2] * lat[3] // 4
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {w}x{h}, {args.frames} frames, L={L}")

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from wan_engine import dit as dit_module  # noqa: E402
 from wan_engine.dit import DiTConfig, WanDiT  # noqa: E402
+from wan_engine.sizes import Size  # noqa: E402
 from wan_engine.tiny import random_dit  # noqa: E402
 
 A14B = dict(model_type="t2v", in_dim=16, out_dim=16, dim=5120, ffn_dim=13824, num_heads=40)
@@ -179,7 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    w, h = (int(v) for v in args.size.split("*"))
+    w, h = Size.parse(args.size)
     lat = (16, (args.frames - 1) // 4 + 1, h // 8, w // 8)
     L = lat[1] * lat[2] * lat[3] // 4
     dim, ffn, heads = A14B["dim"], A14B["ffn_dim"], A14B["num_heads"]

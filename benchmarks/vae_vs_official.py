@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "oracle"))
 
+from wan_engine.sizes import Size  # noqa: E402
 from wan_engine.vae import DEFAULT_DECODE_CHUNK_BYTES, LATENT_MEAN, LATENT_STD, WanVAE21  # noqa: E402
 
 log = logging.getLogger("vae_vs_official")
@@ -126,7 +127,7 @@ def main() -> None:
     default_variants = args.variants.split(",")
     report = dict(card=card, torch=torch.__version__, frames=args.frames, sizes={})
     for size in args.sizes.split(","):
-        w, h = (int(v) for v in size.split("*"))
+        w, h = Size.parse(size)
         if args.smoke:
             w, h = w // 16, h // 16
         lat = (1, 16, (args.frames - 1) // 4 + 1, h // 8, w // 8)

@@ -42,6 +42,7 @@ import torch
 from wan_engine import MODEL_SPECS, Denoiser, ModelSpec
 from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
+from wan_engine.sizes import Size
 from wan_engine.tiny import TINY_DIT, random_dit
 
 from .power import PowerMeter, PowerReading
@@ -337,7 +338,7 @@ def _child(args: argparse.Namespace) -> int:
     """Runs in the subprocess: print {"first", "forward_s", "compile_path"} of one tier as one JSON line."""
     device = torch.device(args.device)
     pipe = bench_pipeline(args.model, device, _dtype_for(device))
-    inputs = dit_inputs(pipe, _parse_size(args.size), args.frames)
+    inputs = dit_inputs(pipe, Size.parse(args.size), args.frames)
     options = TierOptions(attention=args.attention, compile_backend=args.compile_backend)
     m = _measure_tier(pipe, args.tiers.split(",")[0], inputs, 1, options, None, per_step=False)
     log.info("bench child: %s tier's compiled code: %s", args.tiers, m["compile_path"])
@@ -379,11 +380,6 @@ def format_table(facts: dict, rows: list[BenchRow]) -> str:
         lines += [f"{r.tier} compiled code: cold process {r.compile_cold_path}; "
                   f"new process {r.compile_warm_path or '-'}" for r in compiled]
     return "\n".join(lines)
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    w, h = (int(v) for v in text.lower().replace("x", "*").split("*"))
-    return w, h
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -430,7 +426,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     options = TierOptions(step_cache=args.step_cache, threshold=args.threshold, attention=args.attention,
                           compile_backend=args.compile_backend)
-    size = _parse_size(args.size) if args.size else None
+    size = Size.parse(args.size) if args.size else None
     facts, rows = run_bench(args.model, size, args.frames, tuple(args.tiers.split(",")), args.repeats,
                             device=device, options=options, steps=args.steps, experts=args.experts,
                             warm=not args.no_warm)
