@@ -181,18 +181,26 @@ def _wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None
         time.sleep(0.05)
 
 
-def test_cancelling_a_waiting_run_ends_it_cancelled_without_the_gpu(prefect_server, tag_base):
-    """The UI's Cancel on a run that waits for a GPU: it stops waiting, never takes the slot, never resumes."""
-    blocker = _acquire(TWO_GPUS, "max_speed", tag_base)
-    after_allocation = []
+def _allocating_flow(name: str, tag_base: str, after_allocation: list):
+    """A flow that takes both GPUs (max_speed), records the allocation its body got, and gives them back."""
 
-    @flow(name=f"cancel-{tag_base}")
-    def waits_for_gpus():
+    @flow(name=name)
+    def allocating():
         allocation = allocate_gpus(TWO_GPUS, "max_speed", tag_base, poll_seconds=0.2)
         if isinstance(allocation, State):
             return Cancelled(message=allocation.message)
         after_allocation.append(allocation)
         release_gpus(allocation)
+
+    return allocating
+
+
+def test_cancelling_a_waiting_run_ends_it_cancelled_without_the_gpu(prefect_server, tag_base):
+    """The UI's Cancel on a run that waits for a GPU: it stops waiting, never takes the slot, never resumes."""
+    blocker = _acquire(TWO_GPUS, "max_speed", tag_base)
+    after_allocation = []
+
+    waits_for_gpus = _allocating_flow(f"cancel-{tag_base}", tag_base, after_allocation)
 
     states = []
     runner = threading.Thread(target=lambda: states.append(waits_for_gpus(return_state=True)))
@@ -256,13 +264,7 @@ def test_a_cancel_that_lands_while_the_gpus_are_taken_gives_them_back(prefect_se
 
     monkeypatch.setattr(allocate, "take_lease", cancel_while_taking)
 
-    @flow(name=f"cancel-late-{tag_base}")
-    def takes_gpus():
-        allocation = allocate_gpus(TWO_GPUS, "max_speed", tag_base, poll_seconds=0.2)
-        if isinstance(allocation, State):
-            return Cancelled(message=allocation.message)
-        after_allocation.append(allocation)
-        release_gpus(allocation)
+    takes_gpus = _allocating_flow(f"cancel-late-{tag_base}", tag_base, after_allocation)
 
     state = takes_gpus(return_state=True)
     assert state.is_cancelled() and "cancelled before its GPU work" in state.message, state
