@@ -5,10 +5,11 @@ With a step cache (TeaCache in the speed tier, MagCache for I2V in balanced) the
 and skipped block stacks is fixed before sampling; the task reports it with what the loop actually
 did, per step and per cond/uncond branch.
 
-Stops between steps when the flow run is being cancelled (checked at most every
-CANCEL_CHECK_SECONDS), fails there when the run's GPU lease is lost, and turns a CUDA out-of-memory
-error into next steps. On a GPU it also reads the card's energy over the sampling (NVML), which the
-published metadata reports.
+The work itself (tasks/gpu_phase.py) runs on the resident engine worker of the run's GPU when `wanflow worker`
+keeps one, else in this process; either way its steps move this task's progress artifact. It stops between
+steps when the flow run is being cancelled (checked at most every CANCEL_CHECK_SECONDS), fails there when the
+run's GPU lease is lost, and turns a CUDA out-of-memory error into next steps. On a GPU it also reads the
+card's energy over the sampling (NVML), which the published metadata reports.
 Listeners registered with `listen_to_steps` (the CLI's progress bar) see every step too.
 """
 from __future__ import annotations
@@ -17,9 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
 
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -29,11 +28,13 @@ from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 import wan_engine
-from patches.power import PowerMeter, PowerReading
 from tasks.allocate import gpu_lease_lost
+from tasks.engine_channel import Job, call, resident_tag
+from tasks.gpu_phase import Denoised, run_denoise
 from tasks.leases import GpuLeaseLost
-from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines
+from tasks.pipelines import EngineCache, process_engines
 from tasks.runs import RunDescription
+from tasks.settings import get_settings
 
 CANCEL_CHECK_SECONDS = 2.0
 PROGRESS_UPDATE_SECONDS = 0.5  # the artifact moves at most this often (each update is an API call)
@@ -51,93 +52,28 @@ def listen_to_steps(listener: Callable) -> Iterator[None]:
         _STEP_LISTENERS.reset(token)
 
 
-@dataclass
-class Denoised:
-    """What sampling produced: the clean latents and how long it took."""
-
-    latents: torch.Tensor  # [16, f, h, w] float32 on the CPU
-    seed: int
-    settings: dict  # the sampling settings the engine resolved (steps, shift, guide scales, ...)
-    timings: dict[str, float]
-    step_seconds: list[float] = field(default_factory=list)
-    experts_per_step: list[str] = field(default_factory=list)
-    tier: dict = field(default_factory=dict)      # TierHandle.summary(): the tier and each patch's detail
-    step_cache: dict | None = None                # the skip schedule and the calls made (None: no step cache)
-    block_stack: list[str] = field(default_factory=list)  # per step: "computed", "reused" or per branch
-    energy: dict | None = None                    # energy_record(): the card's energy while denoising
-    prompt_tokens: dict = field(default_factory=dict)  # per prompt: tokens, kept, truncated (the encoder's limit)
-
-    @property
-    def model_calls(self) -> dict[str, int]:
-        """Model calls (one per step and cond/uncond branch) whose block stack ran or was reused."""
-        if self.step_cache is None:
-            total = 2 * len(self.step_seconds)
-            return {"computed": total, "skipped": 0, "total": total}
-        return {k: self.step_cache[k] for k in ("computed", "skipped", "total")}
-
-    @property
-    def skipped_steps(self) -> list[int]:
-        """Steps at which no block stack ran (every branch reused its cached residual)."""
-        return [i for i, what in enumerate(self.block_stack) if what == "reused"]
-
-
-def _executed(calls) -> dict[str, list[int]]:
-    """Per branch, the steps whose model call ran the block stack, as the loop made them."""
-    done: dict[str, list[int]] = {}
-    for call in calls:
-        for branch in call.branches:
-            done.setdefault(branch, [])
-            if call.computed:
-                done[branch].append(call.step)
-    return done
-
-
-def _block_stack_per_step(computed: dict[str, list[int]], steps: int) -> list[str]:
-    labels = []
-    for i in range(steps):
-        ran = {b: i in s for b, s in computed.items()}
-        if all(ran.values()):
-            labels.append("computed")
-        elif not any(ran.values()):
-            labels.append("reused")
-        else:
-            labels.append(", ".join(f"{b} {'computed' if r else 'reused'}" for b, r in ran.items()))
-    return labels
-
-
-def _step_cache_record(step_cache) -> dict:
-    """The schedule fixed before sampling, plus what the loop did and whether the two agree."""
-    record = step_cache.metadata()
-    record["executed_computed_steps"] = _executed(step_cache.calls)
-    record["matches_schedule"] = record["executed_computed_steps"] == record["computed_steps"]
-    return record
-
-
 class _Progress:
     """Moves the run's progress artifact (in a flow run: outside one there is no page to show it) and logs
     each step."""
 
-    def __init__(self, total: int, step_cache=None):
+    def __init__(self, total: int):
         self.total = total
-        self.step_cache = step_cache
         self.reused = 0
         self.artifact_id = (create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
                             if FlowRunContext.get() else None)
         self.last_update = time.monotonic()
         self.logger = get_run_logger()
 
-    def __call__(self, info) -> None:
+    def __call__(self, info: wan_engine.StepInfo, reused: bool) -> None:
         note = ""
-        if self.step_cache is not None:  # the calls of this step were just recorded by the cache
-            calls = [c for c in self.step_cache.calls if c.step == info.step]
-            if not any(c.computed for c in calls):
-                self.reused += 1
-                note = ", block stack reused"
+        if reused:
+            self.reused += 1
+            note = ", block stack reused"
         self.logger.info("step %d/%d (t=%d, %s expert): %.2f s%s", info.step + 1, info.total, info.timestep,
                          info.expert, info.seconds, note)
         done = info.step + 1 == info.total
         if self.artifact_id and (done or time.monotonic() - self.last_update >= PROGRESS_UPDATE_SECONDS):
-            reused = f", {self.reused} reused the cache" if self.step_cache is not None else ""
+            reused = f", {self.reused} reused the cache" if self.reused else ""
             update_progress_artifact(self.artifact_id, 100.0 * (info.step + 1) / info.total,
                                      description=f"denoising: {info.step + 1}/{info.total} steps{reused}")
             self.last_update = time.monotonic()
@@ -169,53 +105,37 @@ class _CancelWatch:
 def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised | State:
     """Encode the prompt and run the sampler under the run's tier; returns the clean latents (no VAE decode here).
 
-    `engines`: where the pipeline is found (default: this process's engine cache).
+    On the resident engine worker of the run's GPU when `wanflow worker` keeps one (tasks/engine_channel.py),
+    else in this process. `engines`: where the pipeline is found in this process (default: its engine cache).
     """
     logger = get_run_logger()
-    engines = engines or process_engines()
-    with out_of_memory_as_advice(run, engines):
-        started = time.perf_counter()
-        pipe, handle = engines.tiered(run)
-        load_s = time.perf_counter() - started  # ~0 when this process loaded it before
-        progress = _Progress(run.steps, handle.step_cache)
-        try:
-            with PowerMeter(pipe.device) as meter:
-                result = pipe.generate(run.prompt, negative_prompt=run.negative_prompt, image=run.image,
-                                       size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
-                                       guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
-                                       callback=progress, should_cancel=_CancelWatch())
-        except wan_engine.GenerationCancelled as exc:
-            if gpu_lease_lost():
-                raise GpuLeaseLost(gpu_lease_lost()) from exc
-            return Cancelled(message=f"cancelled between denoising steps: {exc}")
-    for name, count in result.prompt_tokens.items():
-        if count.truncated:
+    progress = _Progress(run.steps)
+    tag = resident_tag(run, get_settings().engine_tags)
+    try:
+        if tag is not None:
+            denoised = call(tag, Job("denoise", run, run.allocation.lease_id), on_step=progress,
+                            should_cancel=_CancelWatch(), log=logger)
+        else:
+            denoised = run_denoise(engines or process_engines(), run, on_step=progress, should_cancel=_CancelWatch())
+    except wan_engine.GenerationCancelled as exc:
+        if gpu_lease_lost():
+            raise GpuLeaseLost(gpu_lease_lost()) from exc
+        return Cancelled(message=f"cancelled between denoising steps: {exc}")
+    for name, count in denoised.prompt_tokens.items():
+        if count["truncated"]:
             logger.warning("the %s has %d tokens but the text encoder reads only the first %d: the rest has no "
-                           "effect; shorten it", name.replace("_", " "), count.tokens, count.kept)
-    logger.info("denoised %d frames at %s in %.1f s (%s)", run.frame_count, run.size, sum(result.step_seconds),
-                ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
-    cache_record = None
-    computed = {"cond": list(range(run.steps)), "uncond": list(range(run.steps))}
-    if handle.step_cache is not None:
-        cache_record = _step_cache_record(handle.step_cache)
-        computed = cache_record["executed_computed_steps"]
-        logger.info("tier %s, %s: %d/%d model calls computed, %d skipped; computed steps %s",
-                    run.tier, cache_record["method"], cache_record["computed"], cache_record["total"],
-                    cache_record["skipped"], cache_record["executed_computed_steps"])
-        if not cache_record["matches_schedule"]:
+                           "effect; shorten it", name.replace("_", " "), count["tokens"], count["kept"])
+    timings = {k: v for k, v in denoised.timings.items() if k != "load"}
+    where = f"resident engine worker {tag} (pid {denoised.engine['pid']})" if tag else "this process"
+    logger.info("denoised %d frames at %s in %.1f s on %s (%s; pipelines loaded there so far: %d)",
+                run.frame_count, run.size, sum(denoised.step_seconds), where,
+                ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), denoised.engine["loads"])
+    cache = denoised.step_cache
+    if cache is not None:
+        logger.info("tier %s, %s: %d/%d model calls computed, %d skipped; computed steps %s", run.tier,
+                    cache["method"], cache["computed"], cache["total"], cache["skipped"],
+                    cache["executed_computed_steps"])
+        if not cache["matches_schedule"]:
             logger.warning("the model calls computed %s differ from the precomputed schedule %s",
-                           cache_record["executed_computed_steps"], cache_record["computed_steps"])
-    return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
-                    timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
-                    experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
-                    block_stack=_block_stack_per_step(computed, run.steps), energy=energy_record(meter.reading),
-                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()})
-
-
-def energy_record(reading: PowerReading | None) -> dict | None:
-    """What the GPU drew while the text encoder and the sampler ran (the whole card: other work on it
-    counts too); None where NVML could not tell (a CPU run, no driver)."""
-    if reading is None:
-        return None
-    return {"joules": round(reading.joules, 1), "mean_watts": round(reading.watts, 1),
-            "mean_sm_mhz": round(reading.sm_mhz), "power_capped": round(reading.power_capped, 3)}
+                           cache["executed_computed_steps"], cache["computed_steps"])
+    return denoised

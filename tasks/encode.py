@@ -1,7 +1,8 @@
 """The `encode` task: VAE-decode the latents, then write an H.264 MP4 with imageio-ffmpeg.
 
 The MP4 is yuv420p (plays everywhere) at the task's frame rate, written straight into a staging
-folder under the outputs folder (tasks/staging.py), which `publish` renames into place: a run
+folder under the outputs folder (the decode runs on the resident engine worker of the run's GPU when
+`wanflow worker` keeps one) (tasks/staging.py), which `publish` renames into place: a run
 killed while encoding leaves its file only where the next publish sweeps it.
 """
 from __future__ import annotations
@@ -17,8 +18,11 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines
+from tasks.engine_channel import Job, call, resident_tag
+from tasks.gpu_phase import run_decode
+from tasks.pipelines import EngineCache, process_engines
 from tasks.runs import RunDescription
+from tasks.settings import get_settings
 from tasks.staging import new_staging_folder
 
 CRF = 18  # visually lossless for generated video; the default 23 blurs fine texture
@@ -74,10 +78,12 @@ def encode(latents: torch.Tensor, run: RunDescription, outputs_dir: str,
     """Decode the latents with the run's pipeline's VAE and encode the frames as an MP4 at the run's frame rate,
     staged under `outputs_dir`. `engines`: where the pipeline is found (default: this process's engine cache)."""
     logger = get_run_logger()
-    engines = engines or process_engines()
     start = time.perf_counter()
-    with out_of_memory_as_advice(run, engines):
-        frames = engines.pipeline(run.checkpoint, run.device).decode(latents)  # [F, H, W, 3] uint8
+    tag = resident_tag(run, get_settings().engine_tags)
+    if tag is not None:  # the decode on the GPU's resident worker; the MP4 is written here
+        frames = call(tag, Job("decode", run, run.allocation.lease_id, {"latents": latents}), log=logger)
+    else:
+        frames = run_decode(engines or process_engines(), run, latents)  # [F, H, W, 3] uint8
     decoded = time.perf_counter()
     path = write_staged_mp4(frames, Path(outputs_dir).resolve(), run.fps)
     written = time.perf_counter()

@@ -14,6 +14,7 @@ first step.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,12 +60,20 @@ class EngineCache:
     """The pipelines loaded in a process, each with at most one tier applied in place.
 
     `load_pipeline` is how a pipeline is loaded (default: wan_engine.load_pipeline; a test gives a stand-in).
+    `loads` counts the pipelines loaded in the cache's life (a resident worker reports it: warm runs load none).
+    When a device runs out of memory loading a pipeline, the least recently used pipeline held on that device
+    is evicted and the load tried again, until none is left to evict.
     """
 
     def __init__(self, load_pipeline: Callable | None = None):
         self._load = load_pipeline
-        self._pipelines: dict[tuple[str, str, torch.dtype], object] = {}
+        self._pipelines: OrderedDict[tuple[str, str, torch.dtype], object] = OrderedDict()  # least recent first
         self._tiers: dict[tuple[str, str, torch.dtype], _AppliedTier] = {}
+        self.loads = 0
+
+    def held(self) -> list[tuple[str, str]]:
+        """(checkpoint, device) of every pipeline held, least recently used first."""
+        return [(checkpoint, device) for checkpoint, device, _ in self._pipelines]
 
     def holds(self, checkpoint: str, device: str) -> bool:
         """Whether a pipeline of this checkpoint is loaded on `device`."""
@@ -73,11 +82,26 @@ class EngineCache:
     def pipeline(self, checkpoint: str, device: str):
         """The engine pipeline for a checkpoint (preset name or folder) on `device`, loaded once."""
         key = (checkpoint, device, engine_dtype(device))
-        if key not in self._pipelines:
+        if key in self._pipelines:
+            self._pipelines.move_to_end(key)
+            return self._pipelines[key]
+        load = self._load or wan_engine.load_pipeline
+        while True:
             run_logger().info("loading %s on %s (%s)", checkpoint, device, key[2])
-            load = self._load or wan_engine.load_pipeline
-            self._pipelines[key] = load(checkpoint, device=device, dtype=key[2])
-        return self._pipelines[key]
+            try:
+                pipe = load(checkpoint, device=device, dtype=key[2])
+                break
+            except torch.OutOfMemoryError:
+                others = [k for k in self._pipelines if k[1] == device]
+                if not others:
+                    raise
+            # Outside the except block: the failed load's tensors are unreachable only now.
+            run_logger().warning("out of memory loading %s on %s: evicting %s, the least recently used", checkpoint,
+                                 device, others[0][0])
+            self._drop(others[0])
+        self.loads += 1
+        self._pipelines[key] = pipe
+        return pipe
 
     def tiered(self, run: RunDescription, cache_dir: str | Path | None = None) -> tuple[object, TierHandle]:
         """The run's pipeline with its tier applied, the step cache (if any) prepared for the run's sampling
@@ -105,15 +129,18 @@ class EngineCache:
 
     def evict(self, device: str) -> None:
         """Drop the pipelines held on `device` (and their tiers) and give their memory back to the driver."""
-        for key in [k for k in self._tiers if k[1] == device]:
-            applied = self._tiers.pop(key)
-            try:  # puts process-wide settings back (TF32, ...); must not hide why the pipelines go
+        for key in [k for k in self._pipelines if k[1] == device]:
+            self._drop(key)
+
+    def _drop(self, key: tuple[str, str, torch.dtype]) -> None:
+        applied = self._tiers.pop(key, None)
+        if applied is not None:
+            try:  # puts process-wide settings back (TF32, ...); must not hide why the pipeline goes
                 applied.handle.remove()
             except Exception:
                 run_logger().exception("removing tier %s from %s failed", applied.tier, key[0])
-        for key in [k for k in self._pipelines if k[1] == device]:
-            del self._pipelines[key]
-        if device.startswith("cuda"):
+        del self._pipelines[key]
+        if key[1].startswith("cuda"):
             torch.cuda.empty_cache()
 
 

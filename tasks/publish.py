@@ -26,8 +26,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 
-from tasks.denoise import Denoised
 from tasks.encode import EncodedVideo
+from tasks.gpu_phase import Denoised
 from tasks.markdown import code, literal
 from tasks.runs import RunDescription
 from tasks.staging import STAGING, sweep_dead_staging

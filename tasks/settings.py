@@ -75,6 +75,15 @@ class Settings(BaseSettings):
     gpu_lease_seconds: float = Field(
         60.0, ge=60, description="Lease on held GPU slots; a dead holder's slots free after this long."
     )
+    resident_gpus: list[int] | None = Field(
+        None, description="GPUs (NVML indices, a JSON list) on which `wanflow worker` keeps a resident engine "
+        "process; unset: every detected GPU (none of a simulated inventory, whose GPUs then get CPU-backed "
+        "engines only when listed here); [] for none.",
+    )
+    engine_tags: list[str] = Field(
+        [], description="Set by `wanflow worker` for the runs it starts: the GPU tags served by a resident engine "
+        "process (tasks/engine_channel.py). Runs on other GPUs compute in their own process.",
+    )
 
     @field_validator("input_roots", mode="before")
     @classmethod

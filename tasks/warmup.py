@@ -4,22 +4,25 @@ For the balanced and speed tiers it applies the tier to the run's pipeline (load
 process has not yet), plans the run as the engine will (video size, frame count, the I2V latent grid
 the image's aspect ratio gives, the CFG batching) and runs the engine's own step once per resident
 expert of that plan. The compiled kernels persist on disk, so a second process at the same shape re-traces but
-does not re-compile. The quality tier compiles nothing, and compile is off where it does not pay
-(no CUDA GPU, no Triton): the task then says why and returns at once.
+does not re-compile. The work runs on the resident engine worker of the run's GPU when `wanflow worker` keeps
+one (its compiled blocks then stay warm for the next run), else in this process. The quality tier compiles
+nothing, and compile is off where it does not pay (no CUDA GPU, no Triton): the task then says why and returns at once.
 """
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from patches.compile import CACHE_ENV, warm_up
+from patches.compile import CACHE_ENV
 from patches.tiers import plan_tier
-from tasks.pipelines import EngineCache, out_of_memory_as_advice, process_engines, tier_options
+from tasks.engine_channel import Job, call, resident_tag
+from tasks.gpu_phase import run_warm_up
+from tasks.pipelines import EngineCache, process_engines, tier_options
 from tasks.runs import RunDescription
+from tasks.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ def warm_up_compile(run: RunDescription, cache_dir: str, engines: EngineCache | 
     `engines`: where the pipeline is found (default: this process's engine cache).
     """
     logger = get_run_logger()
-    tier, device, size, frame_count = run.tier, run.device, run.size, run.frame_count
+    tier, device = run.tier, run.device
     if tier == "quality":
         detail = "the quality tier runs eager: nothing to compile"
         logger.info("warm-up skipped: %s", detail)
@@ -56,18 +59,13 @@ def warm_up_compile(run: RunDescription, cache_dir: str, engines: EngineCache | 
         logger.info("warm-up skipped for tier %s: %s; the run goes on eager", tier, detail)
         return WarmUp(tier, False, 0.0, 0.0, detail)
 
-    w, h = size
-    engines = engines or process_engines()
-    with out_of_memory_as_advice(run, engines):
-        started = time.perf_counter()
-        pipe, _ = engines.tiered(run, cache_dir=cache_dir)
-        load_s = time.perf_counter() - started
-        plan = pipe.plan(image=run.image, size=(w, h), frame_num=frame_count, steps=run.steps, shift=run.shift,
-                         solver=run.solver)
-        seconds = warm_up(pipe, plan)
+    tag = resident_tag(run, get_settings().engine_tags)
+    if tag is not None:
+        seconds, load_s, warmed = call(tag, Job("warm_up", run, run.allocation.lease_id, {"cache_dir": cache_dir}),
+                                       log=logger)
+    else:
+        seconds, load_s, warmed = run_warm_up(engines or process_engines(), run, cache_dir)
     cache = os.environ.get(CACHE_ENV, "torch's default") if options.compile_backend == "inductor" else "none"
-    grid = plan.grid
-    detail = (f"{compile_entry.detail}: warmed {size}, {frame_count} frames, latent grid {grid.height}x{grid.width}, "
-              f"CFG {plan.cfg}; kernel cache {cache}")
+    detail = f"{compile_entry.detail}: {warmed}; kernel cache {cache}"
     logger.info("compile warm-up for tier %s took %.1f s (%s)", tier, seconds, detail)
     return WarmUp(tier, True, seconds, load_s, detail)

@@ -11,8 +11,8 @@ import torch
 from patches.power import PowerReading
 from tasks import publish as publish_module
 from tasks.allocate import Allocation
-from tasks.denoise import Denoised, energy_record
 from tasks.encode import EncodedVideo
+from tasks.gpu_phase import Denoised, energy_record
 from tasks.publish import Published, build_record, describe_markdown, publish, publish_files, slugify
 from tasks.staging import STAGING, host_id, new_staging_folder, process_start
 from tasks.warmup import WarmUp

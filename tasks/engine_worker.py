@@ -1,0 +1,186 @@
+"""A resident engine worker: the long-lived process of one GPU that `wanflow worker` starts
+(deployments/supervisor.py), keeping its pipelines, applied tiers and compiled blocks warm between runs.
+
+    python -m tasks.engine_worker --tag gpu-0 --device cuda:0
+
+It listens on its GPU's socket (tasks/engine_channel.py) and runs the GPU phase of the runs holding that GPU
+(tasks/gpu_phase.py) in its one `EngineCache`, one job at a time. A job is refused unless the caller holds the
+GPU's slot: the `Job` names the caller's lease, whose holder file (tasks/leases.py) must be live, name this
+worker's tag and the calling process (SO_PEERCRED). A job stops between two steps when its caller asks or goes
+away (a cancelled run's process is killed), and the worker serves the next run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import sys
+import threading
+import traceback
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+
+from tasks.allocate import apply_gpu_environment
+from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, socket_path
+from tasks.gpu_phase import run_decode, run_denoise, run_warm_up
+from tasks.leases import lock_dir
+from tasks.lockfiles import dead_record
+from tasks.pipelines import EngineCache
+from wan_engine import GenerationCancelled
+
+log = logging.getLogger("wanflow")
+JOB_WAIT_S = 60.0  # a job waits this long for the one before it to stop (a cancelled run's last step)
+
+
+def check_lease(job: Job, tag: str, caller: int, leases: Path) -> None:
+    """Raise EngineRefused unless the caller process holds a live lease on `tag` under `job.lease_id`."""
+    if job.lease_id is None:
+        raise EngineRefused(f"refused: the call names no lease on {tag}; only a run holding {tag} may use its engine")
+    path = leases / f"{job.lease_id}.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise EngineRefused(f"refused: lease {job.lease_id} is not held on this host (no holder file {path})") from None
+    with dead_record(path) as dead:
+        if dead is not None:
+            raise EngineRefused(f"refused: the holder of lease {job.lease_id} died")
+    if tag not in record.get("tags", []) or record.get("pid") != caller:
+        raise EngineRefused(f"refused: lease {job.lease_id} holds {record.get('tags')} for pid {record.get('pid')}, "
+                            f"not {tag} for the calling pid {caller}")
+
+
+class _JobLog(logging.Handler):
+    """Sends the job thread's log lines to its caller, whose run log shows them."""
+
+    def __init__(self, conn: Connection, thread: int):
+        super().__init__(logging.INFO)
+        self.conn, self.thread = conn, thread
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            try:
+                self.conn.send(("log", record.levelno, record.getMessage()))
+            except OSError:
+                pass  # the caller is gone; the job stops at its next step
+
+
+class EngineWorker:
+    """Serves one GPU's jobs from one engine cache."""
+
+    def __init__(self, tag: str, device: str, engines: EngineCache | None = None):
+        self.tag, self.device = tag, device
+        self.engines = engines or EngineCache()
+        self.busy = threading.Lock()
+
+    def serve(self, listener: Listener) -> None:
+        """Accept calls until the process is stopped; each connection is served on its own thread."""
+        log.info("engine worker %s on %s: serving %s", self.tag, self.device, listener.address)
+        while True:
+            try:
+                conn = listener.accept()
+            except (OSError, EOFError) as exc:  # a caller that failed the handshake
+                log.warning("engine worker %s: refused a connection: %s", self.tag, exc)
+                continue
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: Connection) -> None:
+        with conn:
+            try:
+                job = conn.recv()
+                caller = peer_pid(conn)
+            except (EOFError, OSError):
+                return
+            handler = _JobLog(conn, threading.get_ident())
+            log.addHandler(handler)
+            try:
+                conn.send(("done", self.run(job, conn, caller)))
+            except GenerationCancelled as exc:
+                self._send(conn, ("cancelled", str(exc)))
+            except Exception as exc:
+                log.error("engine worker %s: %s failed: %s", self.tag, job.kind, exc)
+                self._send(conn, ("error", _picklable(exc), traceback.format_exc()))
+            finally:
+                log.removeHandler(handler)
+
+    def run(self, job: Job, conn: Connection, caller: int):
+        if job.kind == "status":
+            return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
+                    "held": self.engines.held()}
+        check_lease(job, self.tag, caller, lock_dir() / "leases")
+        if job.run.device != self.device:
+            raise EngineRefused(f"refused: the run computes on {job.run.device}; this worker serves {self.device}")
+        if not self.busy.acquire(timeout=JOB_WAIT_S):
+            raise EngineRefused(f"{self.tag}'s engine is still busy with an earlier job after {JOB_WAIT_S:.0f} s")
+        try:
+            if job.kind == "warm_up":
+                return run_warm_up(self.engines, job.run, **job.args)
+            if job.kind == "denoise":
+                def on_step(info, reused: bool) -> None:
+                    conn.send(("step", info, reused))
+
+                return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=_Cancel(conn), resident=True)
+            if job.kind == "decode":
+                return run_decode(self.engines, job.run, **job.args)
+            raise ValueError(f"unknown job kind {job.kind!r}")
+        finally:
+            self.busy.release()
+
+    @staticmethod
+    def _send(conn: Connection, message: tuple) -> None:
+        try:
+            conn.send(message)
+        except OSError:
+            pass  # the caller is gone
+
+
+class _Cancel:
+    """True once the caller asks to cancel or goes away (its process was killed)."""
+
+    def __init__(self, conn: Connection):
+        self.conn, self.reason = conn, None
+
+    def __call__(self) -> bool:
+        try:
+            while self.reason is None and self.conn.poll(0):
+                message = self.conn.recv()
+                if message[0] == "cancel":
+                    self.reason = message[1]
+        except (EOFError, OSError):
+            self.reason = "the caller went away"
+        return self.reason is not None
+
+
+def _picklable(exc: Exception) -> Exception:
+    """`exc` if it crosses the channel whole, else a RuntimeError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tag", required=True, help="the GPU's concurrency tag, e.g. gpu-0")
+    parser.add_argument("--device", required=True, help="where the engine computes: cuda:k, or cpu for tests")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    apply_gpu_environment({})  # before CUDA starts
+    path = socket_path(args.tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # left by a worker that died
+    listener = Listener(str(path), family="AF_UNIX", authkey=authkey())
+    os.chmod(path, 0o600)  # the key guards the calls; the mode keeps other users from even connecting
+    try:
+        EngineWorker(args.tag, args.device).serve(listener)
+    except KeyboardInterrupt:  # `wanflow worker` stops its children with SIGINT
+        pass
+    finally:
+        listener.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
