@@ -2,8 +2,11 @@
 that died, and on SIGTERM or Ctrl-C cancels the runs in flight on this host before it exits.
 
 Children the worker owns (`Supervisor.children`, started in their own sessions so that a Ctrl-C in
-the terminal reaches only the supervisor): today the Prefect worker (deployments/prefect_worker.py),
-whose flow-run processes are the runs in flight on this host.
+the terminal reaches only the supervisor): one resident engine worker per GPU it serves
+(tasks/engine_worker.py, `engine-<tag>`), which keeps that GPU's pipelines warm between runs, and the
+Prefect worker (deployments/prefect_worker.py), whose flow-run processes are the runs in flight on this
+host. An engine worker that dies is started again at the next check (the run it served fails with a
+message saying so); the runs wait for it to answer again.
 
 Every REAP_SECONDS, `tasks.allocate.reap_dead_leases` releases the GPU leases whose holder process on
 this host is dead (a run killed by the OOM killer or SIGKILL), at once rather than when the lease
@@ -43,6 +46,7 @@ CANCEL_GRACE_S = 20.0  # Prefect's cancellation of a run takes ~2 s; then SIGTER
 KILL_GRACE_S = 10.0  # after our SIGTERM, then SIGKILL
 WORKER_STOP_S = 15.0  # the Prefect worker's own shutdown, then SIGKILL
 PREFECT_WORKER = "prefect-worker"
+ENGINE = "engine-"  # + the GPU's tag
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -99,10 +103,12 @@ def signal_process(pid: int, sig: signal.Signals) -> None:
 class Supervisor:
     """Runs the children this host's worker owns until SIGTERM or SIGINT; see the module docstring."""
 
-    def __init__(self, name: str, worker_command: list[str], env: dict[str, str]):
+    def __init__(self, name: str, worker_command: list[str], env: dict[str, str],
+                 engine_commands: dict[str, list[str]] | None = None):
         self.name = name
         self.worker_command = worker_command
         self.env = env
+        self.engine_commands = engine_commands or {}  # GPU tag -> the command of its resident engine worker
         self.children: dict[str, subprocess.Popen] = {}
         self.stop_signal: signal.Signals | None = None
 
@@ -111,6 +117,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._ask_to_stop)
         with get_client(sync_client=True) as client:
+            for tag in self.engine_commands:  # before the Prefect worker, so that it is stopped first
+                self._start_engine(tag)
             self.children[PREFECT_WORKER] = subprocess.Popen(self.worker_command, env=self.env,
                                                              start_new_session=True, preexec_fn=die_with_parent)
             log.info("worker %s: Prefect worker pid %d; SIGTERM or Ctrl-C cancels the runs in flight here",
@@ -128,9 +136,25 @@ class Supervisor:
                 self.reap(client)
                 return status or 1
             self.reap(client)
+            self.restart_dead_engines()
             time.sleep(REAP_SECONDS)
         self._stop(client)
         return 0
+
+    def _start_engine(self, tag: str) -> None:
+        child = subprocess.Popen(self.engine_commands[tag], env=self.env, start_new_session=True,
+                                 preexec_fn=die_with_parent)
+        self.children[ENGINE + tag] = child
+        log.info("worker %s: resident engine worker for %s pid %d", self.name, tag, child.pid)
+
+    def restart_dead_engines(self) -> None:
+        """Start again every resident engine worker that ended (the run it served has failed, saying so)."""
+        for tag in self.engine_commands:
+            status = self.children[ENGINE + tag].poll()
+            if status is not None:
+                log.error("the resident engine worker for %s (pid %d) ended with status %d: starting it again", tag,
+                          self.children[ENGINE + tag].pid, status)
+                self._start_engine(tag)
 
     def _ask_to_stop(self, signum: int, frame: object) -> None:
         if self.stop_signal is None:

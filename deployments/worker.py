@@ -8,11 +8,14 @@ starts inherits, holds what wanflow's runs need:
 - WAN_PROJECT_DIR: this host's checkout, where prefect.yaml's pull step starts each run;
 - PREFECT_WORKER_QUERY_SECONDS=2 (Prefect's default is 10): a run triggered in the UI starts
   within ~2 s, and a queued one that a finished run made room for waits no longer;
-- the WAN_* settings of this host (WAN_NODE_NAME, WAN_CHECKPOINT_ROOT, ...) as they are.
-User values win over these defaults.
+- the WAN_* settings of this host (WAN_NODE_NAME, WAN_CHECKPOINT_ROOT, ...) as they are;
+- WAN_ENGINE_TAGS: the GPUs on which the supervisor keeps a resident engine worker (WAN_RESIDENT_GPUS,
+  default every detected GPU), so that a run holding one sends its GPU phase there (tasks/engine_channel.py).
+User values win over these defaults, WAN_ENGINE_TAGS excepted: it says what this worker started.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -20,7 +23,8 @@ import sys
 from deployments.server import configured_api_url
 from deployments.setup import PROJECT_DIR, read_project, work_pool_name
 from deployments.supervisor import Supervisor
-from tasks.settings import get_settings
+from tasks.gpus import GpuProfile, read_gpu_profile
+from tasks.settings import Settings, get_settings
 
 WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "2"}
 
@@ -43,8 +47,23 @@ def worker_command(pool: str | None = None, name: str | None = None, limit: int 
     return command
 
 
-def worker_environment() -> dict[str, str]:
-    return {"WAN_PROJECT_DIR": str(PROJECT_DIR), **WORKER_ENV, **os.environ}
+def resident_engines(settings: Settings, profile: GpuProfile) -> dict[str, str]:
+    """GPU tag -> device of every GPU that gets a resident engine worker: WAN_RESIDENT_GPUS, else every detected
+    GPU (a simulated inventory's only when listed: they compute on the CPU)."""
+    if settings.resident_gpus is None:
+        gpus = [] if profile.simulated else profile.gpus
+    else:
+        gpus = profile.select(settings.resident_gpus).gpus
+    return {f"{settings.gpu_tag_base}-{g.index}": g.device for g in gpus}
+
+
+def engine_command(tag: str, device: str) -> list[str]:
+    return [sys.executable, "-m", "tasks.engine_worker", "--tag", tag, "--device", device]
+
+
+def worker_environment(engine_tags: list[str] | None = None) -> dict[str, str]:
+    return {"WAN_PROJECT_DIR": str(PROJECT_DIR), **WORKER_ENV, **os.environ,
+            "WAN_ENGINE_TAGS": json.dumps(engine_tags or [])}
 
 
 def run_worker(pool: str | None = None, name: str | None = None, limit: int | None = None) -> int:
@@ -52,4 +71,7 @@ def run_worker(pool: str | None = None, name: str | None = None, limit: int | No
     if not configured_api_url():
         raise WorkerError("no Prefect server configured: run `wanflow setup` first, or set PREFECT_API_URL")
     name = name or worker_name()
-    return Supervisor(name, worker_command(pool, name, limit), worker_environment()).run()
+    settings = get_settings()
+    engines = resident_engines(settings, read_gpu_profile(settings.gpu_inventory))
+    return Supervisor(name, worker_command(pool, name, limit), worker_environment(list(engines)),
+                      {tag: engine_command(tag, device) for tag, device in engines.items()}).run()

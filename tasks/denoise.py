@@ -59,12 +59,14 @@ class _Progress:
     def __init__(self, total: int):
         self.total = total
         self.reused = 0
+        self.first_step_unix: float | None = None  # when the first step ended (time.time())
         self.artifact_id = (create_progress_artifact(0.0, description=f"denoising: 0/{total} steps")
                             if FlowRunContext.get() else None)
         self.last_update = time.monotonic()
         self.logger = get_run_logger()
 
     def __call__(self, info: wan_engine.StepInfo, reused: bool) -> None:
+        self.first_step_unix = self.first_step_unix or time.time()
         note = ""
         if reused:
             self.reused += 1
@@ -121,6 +123,7 @@ def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised
         if gpu_lease_lost():
             raise GpuLeaseLost(gpu_lease_lost()) from exc
         return Cancelled(message=f"cancelled between denoising steps: {exc}")
+    denoised.engine["first_step_unix"] = progress.first_step_unix  # against the flow run's start: cold or warm
     for name, count in denoised.prompt_tokens.items():
         if count["truncated"]:
             logger.warning("the %s has %d tokens but the text encoder reads only the first %d: the rest has no "

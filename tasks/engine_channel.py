@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 import socket
 import struct
@@ -81,6 +82,16 @@ def authkey() -> bytes:
     raise RuntimeError(f"{path} is empty")
 
 
+def send(conn: Connection, message: object) -> None:
+    """Send with the standard pickle: `Connection.send` uses multiprocessing's pickler, through which torch
+    shares a tensor's storage by file descriptor with a sibling process, which two unrelated processes cannot."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection) -> Any:
+    return pickle.loads(conn.recv_bytes())
+
+
 def peer_pid(conn: Connection) -> int:
     """The process at the other end of a Unix-socket connection, as the kernel tells it (SO_PEERCRED)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -123,14 +134,14 @@ def call(tag: str, job: Job, on_step: Callable | None = None, should_cancel: Cal
     conn = connect(tag, wait_s)
     pid, cancel_sent = peer_pid(conn), False
     try:
-        conn.send(job)
+        send(conn, job)
         while True:
             if should_cancel is not None and not cancel_sent and should_cancel():
-                conn.send(("cancel", "the run is being cancelled"))
+                send(conn, ("cancel", "the run is being cancelled"))
                 cancel_sent = True
             if not conn.poll(POLL_S):
                 continue
-            message = conn.recv()
+            message = receive(conn)
             if message[0] == "step" and on_step is not None:
                 on_step(message[1], message[2])
             elif message[0] == "log" and log is not None:
@@ -143,7 +154,7 @@ def call(tag: str, job: Job, on_step: Callable | None = None, should_cancel: Cal
                 if log is not None:
                     log.debug("engine worker %s traceback:\n%s", tag, message[2])
                 raise message[1]
-    except (EOFError, ConnectionResetError, BrokenPipeError) as exc:
+    except (EOFError, ConnectionResetError, BrokenPipeError) as exc:  # its end of the socket closed with the process
         raise EngineWorkerLost(f"the resident engine worker of {tag} (pid {pid}) died during {job.kind}; "
                                f"`wanflow worker` restarts it: run the request again") from exc
     finally:

@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
 from tasks.allocate import apply_gpu_environment
-from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, socket_path
+from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, receive, send, socket_path
 from tasks.gpu_phase import run_decode, run_denoise, run_warm_up
 from tasks.leases import lock_dir
 from tasks.lockfiles import dead_record
@@ -61,7 +61,7 @@ class _JobLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
             try:
-                self.conn.send(("log", record.levelno, record.getMessage()))
+                send(self.conn, ("log", record.levelno, record.getMessage()))
             except OSError:
                 pass  # the caller is gone; the job stops at its next step
 
@@ -88,14 +88,14 @@ class EngineWorker:
     def handle(self, conn: Connection) -> None:
         with conn:
             try:
-                job = conn.recv()
+                job = receive(conn)
                 caller = peer_pid(conn)
             except (EOFError, OSError):
                 return
             handler = _JobLog(conn, threading.get_ident())
             log.addHandler(handler)
             try:
-                conn.send(("done", self.run(job, conn, caller)))
+                send(conn, ("done", self.run(job, conn, caller)))
             except GenerationCancelled as exc:
                 self._send(conn, ("cancelled", str(exc)))
             except Exception as exc:
@@ -118,7 +118,7 @@ class EngineWorker:
                 return run_warm_up(self.engines, job.run, **job.args)
             if job.kind == "denoise":
                 def on_step(info, reused: bool) -> None:
-                    conn.send(("step", info, reused))
+                    send(conn, ("step", info, reused))
 
                 return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=_Cancel(conn), resident=True)
             if job.kind == "decode":
@@ -130,7 +130,7 @@ class EngineWorker:
     @staticmethod
     def _send(conn: Connection, message: tuple) -> None:
         try:
-            conn.send(message)
+            send(conn, message)
         except OSError:
             pass  # the caller is gone
 
@@ -144,7 +144,7 @@ class _Cancel:
     def __call__(self) -> bool:
         try:
             while self.reason is None and self.conn.poll(0):
-                message = self.conn.recv()
+                message = receive(self.conn)
                 if message[0] == "cancel":
                     self.reason = message[1]
         except (EOFError, OSError):

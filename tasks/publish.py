@@ -113,6 +113,7 @@ def build_record(run: RunDescription, denoised: Denoised, video: EncodedVideo, r
         "gpu_hold": {"acquired_unix": allocation.acquired_unix, "released_unix": allocation.released_unix},
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "energy": denoised.energy,
+        "engine": denoised.engine,  # where it computed, the parallel plan (degrees, GPUs) and per-rank seconds
         "step_seconds": [round(s, 4) for s in denoised.step_seconds],
         "experts_per_step": denoised.experts_per_step,
         "block_stack_per_step": denoised.block_stack,
