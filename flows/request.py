@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from flows.inputs import InputError, check_image, confine, validate_checkpoint
 from tasks.allocate import Allocation
+from tasks.gpu_queue import ENGINE_MAX_GPUS
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.runs import RunDescription
 from tasks.settings import Strategy, Tier, get_settings
@@ -214,6 +215,12 @@ class GenerationRequest(BaseModel):
         selected = len(self.gpu_ids or known)
         if self.gpus_per_job is not None and known and self.gpus_per_job > selected:
             raise ValueError(f"gpus_per_job: {self.gpus_per_job} is more than the {selected} selected GPU(s)")
+        # A run never holds a GPU it does not compute on: refused now rather than after waiting for the GPUs.
+        needed = selected if self.strategy == "max_speed" else (self.gpus_per_job or 1)
+        if known and self.strategy != "auto" and needed > ENGINE_MAX_GPUS:
+            fix = ("select one GPU with gpu_ids" if self.strategy == "max_speed" else "use gpus_per_job=1")
+            raise ValueError(f"strategy: {self.strategy} would hold {needed} GPUs, but the engine computes one job "
+                             f"on at most {ENGINE_MAX_GPUS} GPU today; use strategy auto or concurrent, or {fix}")
 
     def _resolve_checkpoint(self, root: Path | None, roots: list[Path]) -> None:
         if self.task in TINY_PRESETS:

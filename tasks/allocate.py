@@ -38,7 +38,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Running, State
 from pydantic import BaseModel
 
-from tasks.gpu_queue import GpuQueue, Strategy, Turn, ordinal, turn
+from tasks.gpu_queue import ENGINE_MAX_GPUS, GpuQueue, Strategy, Turn, ordinal, turn
 from tasks.gpus import GpuInfo, GpuProfile
 from tasks.leases import (
     GpuLeaseLost,
@@ -130,8 +130,10 @@ def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strat
                  poll_seconds: float = 2.0, lease_seconds: float = 60.0,
                  holder: ConcurrencyLeaseHolder | None = None,
                  on_wait: Callable[[str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None) -> Allocation:
+                 cancelled: Callable[[], bool] | None = None, max_gpus: int | None = None) -> Allocation:
     """Wait for this run's turn at the strategy's GPUs, take them and return the allocation.
+
+    `max_gpus` caps what `auto` takes: the most GPUs the run computes on.
 
     `on_wait(message)` is called when the run starts waiting, when its place in line changes and
     every WAIT_LOG_SECONDS; `cancelled()` is asked at every poll and raises AllocationCancelled when true.
@@ -148,7 +150,8 @@ def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strat
     ensure_limits(client, tags)
     embedded, started, said, said_at = embedded_server(), time.monotonic(), None, 0.0
     queue = GpuQueue(lock_dir() / "queue")
-    with queue.waiting(strategy, tags, gpus_per_job, heads, str(holder.id) if holder else None) as ticket:
+    with queue.waiting(strategy, tags, gpus_per_job, heads, str(holder.id) if holder else None,
+                       max_gpus) as ticket:
         while True:
             if cancelled is not None and cancelled():
                 raise AllocationCancelled(f"cancelled while waiting for {_describe(tag_base, candidates)}")
@@ -355,7 +358,8 @@ def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_id
         cancelled = (lambda: _cancelling(client, flow_run_id)) if flow_run_id else None
         try:
             allocation = acquire_gpus(client, profile, strategy, tag_base, gpu_ids, gpus_per_job, heads,
-                                      poll_seconds, lease_seconds, holder, on_wait=say_waiting, cancelled=cancelled)
+                                      poll_seconds, lease_seconds, holder, on_wait=say_waiting, cancelled=cancelled,
+                                      max_gpus=ENGINE_MAX_GPUS)
         except AllocationCancelled as exc:
             logger.info("%s: no GPU taken", exc)
             return Cancelled(message=f"{exc}: no GPU taken")

@@ -30,16 +30,22 @@ from tasks.settings import Strategy
 
 G = TypeVar("G", bound=Hashable)  # a GPU: its index or its tag
 
+# The most GPUs one job computes on. A run never holds a GPU it does not compute on, so until the generate flow
+# runs a job's ranks on several GPUs (wan_engine's multi-GPU `run_rank`, issue 12), `auto` takes one GPU and
+# requests that need more are refused before they wait (flows/request.py).
+ENGINE_MAX_GPUS = 1
+
 
 def choose_gpus(strategy: Strategy, candidates: list[G], free: list[G], gpus_per_job: int | None = None,
-                heads: int | None = None) -> list[G]:
-    """The GPUs to take now from `free` (a subset of `candidates`), or [] to keep waiting."""
+                heads: int | None = None, max_gpus: int | None = None) -> list[G]:
+    """The GPUs to take now from `free` (a subset of `candidates`), or [] to keep waiting. `max_gpus` caps what
+    `auto` takes (the most the job can compute on)."""
     if strategy == "max_speed":
         return list(candidates) if set(candidates) <= set(free) else []
     if strategy == "concurrent":
         wanted = gpus_per_job or 1
         return free[:wanted] if len(free) >= wanted else []
-    usable = len(free)
+    usable = min(len(free), max_gpus or len(free))
     while heads and usable > 1 and heads % usable:
         usable -= 1  # Ulysses splits the attention heads evenly over the GPUs
     return free[:usable]
@@ -58,6 +64,7 @@ class Ticket:
     flow_run_id: str | None
     pid: int
     host: str
+    max_gpus: int | None = None
 
     @property
     def file_name(self) -> str:
@@ -66,7 +73,7 @@ class Ticket:
     def pick(self, free: Collection[str]) -> list[str]:
         """What this run would take from the `free` tags."""
         return choose_gpus(self.strategy, self.candidates, [t for t in self.candidates if t in free],
-                           self.gpus_per_job, self.heads)
+                           self.gpus_per_job, self.heads, self.max_gpus)
 
 
 @dataclass(frozen=True)
@@ -105,11 +112,12 @@ class GpuQueue:
 
     @contextmanager
     def waiting(self, strategy: Strategy, candidates: list[str], gpus_per_job: int | None = None,
-                heads: int | None = None, flow_run_id: str | None = None) -> Iterator[Ticket]:
+                heads: int | None = None, flow_run_id: str | None = None,
+                max_gpus: int | None = None) -> Iterator[Ticket]:
         """Stand in the queue for the duration of the block."""
         ticket = Ticket(arrival_ns=time.time_ns(), id=uuid.uuid4().hex, strategy=strategy, candidates=candidates,
                         gpus_per_job=gpus_per_job, heads=heads, flow_run_id=flow_run_id, pid=os.getpid(),
-                        host=socket.gethostname())
+                        host=socket.gethostname(), max_gpus=max_gpus)
         path = self.directory / ticket.file_name
         fd = write_locked(path, asdict(ticket))
         try:

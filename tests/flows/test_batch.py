@@ -103,9 +103,9 @@ def test_lanes_follow_the_strategy():
         return lane_count(GenerationRequest.for_hardware(profile, **QUICK, **fields), profile)
 
     assert lanes(strategy="concurrent") == 4
-    assert lanes(strategy="concurrent", gpus_per_job=2) == 2
     assert lanes(strategy="concurrent", gpu_ids=[1, 2, 3]) == 3
-    assert lanes(strategy="max_speed") == lanes(strategy="auto") == 1
+    assert lanes(strategy="auto") == 4  # one GPU per job while the engine computes a job on one GPU
+    assert lanes(strategy="max_speed", gpu_ids=[2]) == 1
     assert lanes(NO_GPU, strategy="concurrent") == 1
     assert lanes(read_gpu_profile([SimulatedGpu()] * 4), strategy="concurrent") == 1  # all on the CPU
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import imageio_ffmpeg
@@ -94,6 +95,19 @@ def test_tiny_generation_end_to_end(prefect_server, wan_env):
     assert published.video.as_uri() in by_key["video-file"].data  # a link artifact
 
 
+def test_an_auto_run_holds_only_the_gpu_it_computes_on_and_records_its_parallel_plan(prefect_server, wan_env,
+                                                                                      monkeypatch):
+    _simulate_two_gpus(monkeypatch)
+    state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="auto"), return_state=True)
+    assert state.is_completed(), state.message
+    record = json.loads(state.result().metadata.read_text())
+    assert [g["index"] for g in record["gpus"]] == [0]  # two GPUs free, one computes: one held
+    engine = record["engine"]
+    assert engine["parallel"] == {"ulysses": 1, "cfg": 1, "gpus": [0], "world_size": 1}
+    assert not engine["resident"] and engine["pid"] == os.getpid()  # no `wanflow worker`: in this process
+    assert [r["rank"] for r in engine["ranks"]] == [0] and engine["ranks"][0]["denoise_s"] > 0
+
+
 def test_cancelling_the_run_stops_between_steps_and_frees_the_gpus(prefect_server, wan_env, monkeypatch):
     """What the UI's Cancel does to a run that no worker kills: its state goes to Cancelling."""
     base = _simulate_two_gpus(monkeypatch)
@@ -105,7 +119,7 @@ def test_cancelling_the_run_stops_between_steps_and_frees_the_gpus(prefect_serve
                 client.set_flow_run_state(FlowRunContext.get().flow_run.id, Cancelling(), force=True)
 
     with listen_to_steps(cancel_after_step_2):
-        state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="max_speed"), return_state=True)
+        state = generate_video(GenerationRequest(task="tiny", frame_count=5, strategy="auto"), return_state=True)
     assert state.is_cancelled() and "cancelled before step 3/10" in state.message
     assert _task_runs(state.state_details.flow_run_id)["denoise"].state.is_cancelled()
     assert _active_slots(base) == [0, 0]

@@ -121,6 +121,16 @@ def test_gpu_selection_is_checked_against_the_host(wan_env):
     assert GenerationRequest.for_hardware(H100S, task="tiny", gpu_ids=[1, 0, 1]).gpu_ids == [0, 1]
 
 
+def test_a_strategy_that_would_hold_gpus_the_job_cannot_compute_on_is_refused(wan_env):
+    """A run never holds a GPU it does not compute on, and learns so before it waits for any."""
+    refused = _error(H100S, task="tiny", strategy="max_speed")
+    assert "strategy: max_speed would hold 2 GPUs, but the engine computes one job on at most 1 GPU" in refused
+    assert "would hold 2 GPUs" in _error(H100S, task="tiny", strategy="concurrent", gpus_per_job=2)
+    assert GenerationRequest.for_hardware(H100S, task="tiny", strategy="max_speed", gpu_ids=[1]).gpu_ids == [1]
+    assert GenerationRequest.for_hardware(H100S, task="tiny", strategy="auto").strategy == "auto"
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny", strategy="max_speed").strategy == "max_speed"
+
+
 def test_a_prompt_of_only_whitespace_is_rejected(wan_env):
     for prompt in ("", "   ", "\n\t "):
         assert "prompt" in _error(task="tiny", prompt=prompt)
