@@ -107,7 +107,7 @@ class EngineWorker:
     def run(self, job: Job, conn: Connection, caller: int):
         if job.kind == "status":
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
-                    "held": self.engines.held()}
+                    "held": self.engines.held(), "busy": self.busy.locked()}
         check_lease(job, self.tag, caller, lock_dir() / "leases")
         if job.run.device != self.device:
             raise EngineRefused(f"refused: the run computes on {job.run.device}; this worker serves {self.device}")
