@@ -29,7 +29,7 @@ from prefect.states import Cancelled, State
 
 import wan_engine
 from tasks.allocate import gpu_lease_lost
-from tasks.engine_channel import Job, call, resident_tag
+from tasks.engine_channel import Job, call, call_ranks, resident_tags
 from tasks.gpu_phase import Denoised, run_denoise
 from tasks.leases import GpuLeaseLost
 from tasks.pipelines import EngineCache, process_engines
@@ -112,9 +112,15 @@ def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised
     """
     logger = get_run_logger()
     progress = _Progress(run.steps)
-    tag = resident_tag(run, get_settings().engine_tags)
+    tags = resident_tags(run, get_settings().engine_tags)
+    tag = tags[0] if tags else None
+    if len(run.allocation.tags) > 1 and tags is None:
+        raise RuntimeError(f"a run on {len(run.allocation.tags)} GPUs computes on the resident engine workers of "
+                           f"`wanflow worker`, and {', '.join(run.allocation.tags)} do not all have one here")
     try:
-        if tag is not None:
+        if tags is not None and len(tags) > 1:
+            denoised = call_ranks(tags, run, on_step=progress, should_cancel=_CancelWatch(), log=logger)
+        elif tag is not None:
             denoised = call(tag, Job("denoise", run, run.allocation.lease_id), on_step=progress,
                             should_cancel=_CancelWatch(), log=logger)
         else:
@@ -129,7 +135,7 @@ def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised
             logger.warning("the %s has %d tokens but the text encoder reads only the first %d: the rest has no "
                            "effect; shorten it", name.replace("_", " "), count["tokens"], count["kept"])
     timings = {k: v for k, v in denoised.timings.items() if k != "load"}
-    where = f"resident engine worker {tag} (pid {denoised.engine['pid']})" if tag else "this process"
+    where = f"resident engine worker(s) {', '.join(tags)} (pid {denoised.engine['pid']})" if tags else "this process"
     logger.info("denoised %d frames at %s in %.1f s on %s (%s; pipelines loaded there so far: %d)",
                 run.frame_count, run.size, sum(denoised.step_seconds), where,
                 ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()), denoised.engine["loads"])

@@ -12,12 +12,14 @@ call, `wanflow generate`, the demo) computes in its own process.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import pickle
 import secrets
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 from uuid import UUID
 
+import torch.distributed as dist
 from prefect.settings import get_current_settings
 
 from tasks.runs import RunDescription
 from wan_engine import GenerationCancelled
 
-Kind = Literal["status", "warm_up", "denoise", "decode"]
+Kind = Literal["status", "warm_up", "denoise", "denoise_rank", "decode"]
 CONNECT_WAIT_S = 60.0  # a worker being restarted by `wanflow worker` is back well within this
 POLL_S = 0.2  # how often a waiting caller looks at its cancel check between two messages
 
@@ -102,12 +105,54 @@ def peer_pid(conn: Connection) -> int:
     return pid
 
 
-def resident_tag(run: RunDescription, engine_tags: list[str]) -> str | None:
-    """The GPU tag whose resident worker computes `run`, or None when the run computes in its own process."""
-    if run.allocation.lease_id is None or len(run.allocation.tags) != 1:
+def resident_tags(run: RunDescription, engine_tags: list[str]) -> list[str] | None:
+    """The GPU tags whose resident workers compute `run` (one rank each), or None when some of its GPUs have none."""
+    if run.allocation.lease_id is None or not run.allocation.tags:
         return None
-    tag = run.allocation.tags[0]
-    return tag if tag in engine_tags else None
+    return run.allocation.tags if set(run.allocation.tags) <= set(engine_tags) else None
+
+
+def call_ranks(tags: list[str], run: RunDescription, on_step: Callable | None = None,
+               should_cancel: Callable[[], bool] | None = None,
+               log: logging.Logger | logging.LoggerAdapter | None = None) -> Any:
+    """Denoise `run` on the workers of `tags`, rank r on `tags[r]`, in a process group of those workers formed for
+    this job over a TCPStore this process holds (it goes with the process: a killed run leaves no group behind).
+    Returns rank 0's value; steps come from rank 0, and a cancel reaches every rank (they stop at the same
+    step). When ranks fail, the first error that is not another rank's echo of it is raised."""
+    store = dist.TCPStore("127.0.0.1", 0, len(tags), is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    address = ("127.0.0.1", store.port)
+    values: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}
+    cancelled = threading.Event()  # a rank failed: stop the others now rather than at their collectives' timeout
+
+    def stop() -> bool:
+        return cancelled.is_set() or (should_cancel is not None and should_cancel())
+
+    def rank(r: int, tag: str) -> None:
+        job = Job("denoise_rank", run, run.allocation.lease_id, {"rank": r, "world_size": len(tags), "store": address})
+        try:
+            values[r] = call(tag, job, on_step if r == 0 else None, stop if r == 0 else cancelled.is_set, log)
+        except BaseException as exc:
+            errors[r] = exc
+            cancelled.set()  # the other ranks stop too, at the latest when their collectives time out
+
+    threads = [threading.Thread(target=rank, args=(r, tag), daemon=True) for r, tag in enumerate(tags)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        echoes = [e for e in errors.values() if type(e).__name__ in ("RankFailed", "GenerationCancelled")]
+        raise next((errors[r] for r in sorted(errors) if errors[r] not in echoes), errors[min(errors)])
+    return values[0]
+
+
+def resident_tag(run: RunDescription, engine_tags: list[str]) -> str | None:
+    """The GPU tag of the resident worker that warms up and decodes for `run` (its first GPU's: rank 0's), or None
+    when the run computes in its own process."""
+    tags = resident_tags(run, engine_tags)
+    return tags[0] if tags else None
 
 
 def connect(tag: str, wait_s: float = CONNECT_WAIT_S) -> Connection:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tasks.allocate import apply_gpu_environment
 from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, receive, send, socket_path
-from tasks.gpu_phase import run_decode, run_denoise, run_warm_up
+from tasks.gpu_phase import run_decode, run_denoise, run_denoise_rank, run_warm_up
 from tasks.leases import lock_dir
 from tasks.lockfiles import dead_record
 from tasks.pipelines import EngineCache
@@ -109,18 +109,21 @@ class EngineWorker:
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
                     "held": self.engines.held(), "busy": self.busy.locked()}
         check_lease(job, self.tag, caller, lock_dir() / "leases")
-        if job.run.device != self.device:
+        if job.kind != "denoise_rank" and job.run.device != self.device:
             raise EngineRefused(f"refused: the run computes on {job.run.device}; this worker serves {self.device}")
         if not self.busy.acquire(timeout=JOB_WAIT_S):
             raise EngineRefused(f"{self.tag}'s engine is still busy with an earlier job after {JOB_WAIT_S:.0f} s")
+        def on_step(info, reused: bool) -> None:
+            send(conn, ("step", info, reused))
+
         try:
             if job.kind == "warm_up":
                 return run_warm_up(self.engines, job.run, **job.args)
             if job.kind == "denoise":
-                def on_step(info, reused: bool) -> None:
-                    send(conn, ("step", info, reused))
-
                 return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=_Cancel(conn), resident=True)
+            if job.kind == "denoise_rank":  # one rank of a run on several GPUs, this one on this worker's
+                return run_denoise_rank(self.engines, job.run, self.device, on_step=on_step,
+                                        should_cancel=_Cancel(conn), **job.args)
             if job.kind == "decode":
                 return run_decode(self.engines, job.run, **job.args)
             raise ValueError(f"unknown job kind {job.kind!r}")

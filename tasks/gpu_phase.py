@@ -8,6 +8,9 @@ progress and decide where these run.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -15,12 +18,15 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from patches.compile import warm_up
 from patches.power import PowerMeter, PowerReading
 from tasks.pipelines import EngineCache, out_of_memory_as_advice
 from tasks.runs import RunDescription
 from wan_engine.pipeline import StepInfo
+
+JOB_TIMEOUT = datetime.timedelta(seconds=60)  # every collective of a multi-GPU job: a dead rank fails it in this
 
 # Called after every denoising step with the step and whether every branch reused its cached block stack.
 StepListener = Callable[[StepInfo, bool], None]
@@ -130,18 +136,16 @@ def run_denoise(engines: EngineCache, run: RunDescription, on_step: StepListener
         pipe, handle = engines.tiered(run)
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
 
-        def step_done(info: StepInfo) -> None:
-            if on_step is None:
-                return
-            cache = handle.step_cache  # the calls of this step were just recorded by the cache
-            calls = [c for c in cache.calls if c.step == info.step] if cache is not None else []
-            on_step(info, bool(calls) and not any(c.computed for c in calls))
-
         with PowerMeter(pipe.device) as meter:
             result = pipe.generate(run.prompt, negative_prompt=run.negative_prompt, image=run.image,
                                    size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
                                    guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
-                                   callback=step_done, should_cancel=should_cancel)
+                                   callback=_step_listener(handle, on_step), should_cancel=should_cancel)
+    engine = engine_record(run, engines, resident, sum(result.step_seconds))
+    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine)
+
+
+def _denoised(run: RunDescription, result, handle, load_s: float, energy: dict | None, engine: dict) -> Denoised:
     cache_record = None
     computed = {"cond": list(range(run.steps)), "uncond": list(range(run.steps))}
     if handle.step_cache is not None:
@@ -150,9 +154,66 @@ def run_denoise(engines: EngineCache, run: RunDescription, on_step: StepListener
     return Denoised(latents=result.latents, seed=result.seed, settings=dict(result.settings),
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
                     experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
-                    block_stack=_block_stack_per_step(computed, run.steps), energy=energy_record(meter.reading),
-                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()},
-                    engine=engine_record(run, engines, resident, sum(result.step_seconds)))
+                    block_stack=_block_stack_per_step(computed, run.steps), energy=energy,
+                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()}, engine=engine)
+
+
+def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, rank: int, world_size: int,
+                     store: tuple[str, int], on_step: StepListener | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> Denoised | None:
+    """Rank `rank` of a run computed on `world_size` devices, this one on `device`: it joins the job's process
+    group over the caller's TCPStore at `store` (host, port), runs wan_engine.parallel.run_rank and dissolves the
+    group. Rank 0 returns what was denoised, the others None."""
+    # Imported here: the engine's multi-GPU half (issue 12) comes with its own branch; one-GPU runs never need it.
+    from wan_engine.parallel import choose_parallel_plan, init_job_group, run_rank
+
+    run = dataclasses.replace(run, allocation=run.allocation.model_copy(update={"device": device}))
+    with out_of_memory_as_advice(run, engines):
+        started = time.perf_counter()
+        pipe, handle = engines.tiered(run)
+        load_s = time.perf_counter() - started
+        plan = pipe.plan(image=run.image, size=tuple(run.size), frame_num=run.frame_count, steps=run.steps,
+                         shift=run.shift, guide_scale=run.guide_scale, solver=run.solver, seed=run.seed)
+        heads = next(iter(pipe.experts.values())).config.num_heads
+        parallel = choose_parallel_plan(world_size, heads, plan.cfg)
+        client = dist.TCPStore(store[0], store[1], world_size, is_master=False, timeout=JOB_TIMEOUT)
+        job = init_job_group(rank, world_size, client, timeout=JOB_TIMEOUT)
+        try:
+            with PowerMeter(pipe.device) as meter:
+                result = run_rank(pipe, job, parallel, run.prompt, run.negative_prompt, image=run.image,
+                                  size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
+                                  guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
+                                  callback=_step_listener(handle, on_step), should_cancel=should_cancel,
+                                  warm_up=functools.partial(warm_up, pipe) if _compiles(handle) else None)
+        finally:
+            job.close()
+    if result is None:
+        return None
+    seconds = result.parallel["rank_denoise_seconds"]
+    engine = {**engine_record(run, engines, True, seconds[0]),
+              "parallel": {"ulysses": parallel.ulysses, "cfg": parallel.cfg, "gpus": run.allocation.gpu_ids,
+                           "world_size": world_size},
+              "ranks": [{"rank": r, "device": g.device, "denoise_s": round(s, 4)}
+                        for r, (g, s) in enumerate(zip(run.allocation.gpus, seconds, strict=True))]}
+    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine)
+
+
+def _compiles(handle) -> bool:
+    """Whether the applied tier compiles the blocks (then every rank warms up at its own shapes first)."""
+    return any(p["name"] == "compile" and p["on"] for p in handle.summary().get("patches", []))
+
+
+def _step_listener(handle, on_step: StepListener | None) -> Callable[[StepInfo], None] | None:
+    """The engine's per-step callback that tells `on_step` whether the step reused its cached block stack."""
+    if on_step is None:
+        return None
+
+    def step_done(info: StepInfo) -> None:
+        cache = handle.step_cache  # the calls of this step were just recorded by the cache
+        calls = [c for c in cache.calls if c.step == info.step] if cache is not None else []
+        on_step(info, bool(calls) and not any(c.computed for c in calls))
+
+    return step_done
 
 
 def run_decode(engines: EngineCache, run: RunDescription, latents: torch.Tensor) -> np.ndarray:

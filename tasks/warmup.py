@@ -59,6 +59,10 @@ def warm_up_compile(run: RunDescription, cache_dir: str, engines: EngineCache | 
         logger.info("warm-up skipped for tier %s: %s; the run goes on eager", tier, detail)
         return WarmUp(tier, False, 0.0, 0.0, detail)
 
+    if len(run.allocation.tags) > 1:
+        detail = f"a job on {len(run.allocation.tags)} GPUs compiles at each rank's shapes within the job"
+        logger.info("warm-up skipped: %s", detail)
+        return WarmUp(tier, False, 0.0, 0.0, detail)
     tag = resident_tag(run, get_settings().engine_tags)
     if tag is not None:
         seconds, load_s, warmed = call(tag, Job("warm_up", run, run.allocation.lease_id, {"cache_dir": cache_dir}),
