@@ -96,3 +96,23 @@ def test_out_of_memory_becomes_next_steps_and_frees_the_device():
     assert "generating 81 frames at 1280*720 on 1 GPU(s)" in message and "frame_count=41" in message
     assert "(832*480)" in message and "gpus_per_job=2" in message and "released" in message
     assert not engines.holds("tiny", "cpu")
+
+
+def test_a_load_that_runs_out_of_memory_evicts_the_least_recently_used_pipeline_and_tries_again():
+    room = 2  # the device holds two pipelines
+
+    def load(checkpoint, device, dtype):
+        if len(engines.held()) >= room:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return object()
+
+    engines = EngineCache(load_pipeline=load)
+    a = engines.pipeline("a", "cuda:7")
+    engines.pipeline("b", "cuda:7")
+    assert engines.pipeline("a", "cuda:7") is a  # used again: "b" is now the least recent
+    engines.pipeline("c", "cuda:7")
+    assert engines.held() == [("a", "cuda:7"), ("c", "cuda:7")] and engines.loads == 3
+    room = 0
+    with pytest.raises(torch.OutOfMemoryError):  # nothing left to evict: the error stands
+        engines.pipeline("d", "cuda:7")
+    assert engines.held() == [] and engines.loads == 3
