@@ -7,7 +7,9 @@ It listens on its GPU's socket (tasks/engine_channel.py) and runs the GPU phase 
 (tasks/gpu_phase.py) in its one `EngineCache`, one job at a time. A job is refused unless the caller holds the
 GPU's slot: the `Job` names the caller's lease, whose holder file (tasks/leases.py) must be live, name this
 worker's tag and the calling process (SO_PEERCRED). A job stops between two steps when its caller asks or goes
-away (a cancelled run's process is killed), and the worker serves the next run.
+away (a cancelled run's process is killed), and the worker serves the next run; a job still running
+CANCEL_GRACE_S after its cancel (a step longer than that) ends the process instead, and `wanflow worker` starts
+a fresh one: the GPU is free within that time whatever the step.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pickle
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
@@ -32,6 +35,9 @@ from wan_engine import GenerationCancelled
 
 log = logging.getLogger("wanflow")
 JOB_WAIT_S = 60.0  # a job waits this long for the one before it to stop (a cancelled run's last step)
+CANCEL_GRACE_S = 10.0  # a cancelled job stops between two steps; one still running after this ends the process
+CANCEL_EXIT = 75  # the exit status then
+POLL_S = 0.2
 
 
 def check_lease(job: Job, tag: str, caller: int, leases: Path) -> None:
@@ -86,25 +92,54 @@ class EngineWorker:
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
     def handle(self, conn: Connection) -> None:
+        """Run the connection's job on a thread of its own while this one reads what the caller sends."""
         with conn:
             try:
                 job = receive(conn)
                 caller = peer_pid(conn)
             except (EOFError, OSError):
                 return
-            handler = _JobLog(conn, threading.get_ident())
-            log.addHandler(handler)
-            try:
-                send(conn, ("done", self.run(job, conn, caller)))
-            except GenerationCancelled as exc:
-                self._send(conn, ("cancelled", str(exc)))
-            except Exception as exc:
-                log.error("engine worker %s: %s failed: %s", self.tag, job.kind, exc)
-                self._send(conn, ("error", _picklable(exc), traceback.format_exc()))
-            finally:
-                log.removeHandler(handler)
+            cancel = threading.Event()
+            worker = threading.Thread(target=self.serve_job, args=(job, conn, caller, cancel), daemon=True)
+            worker.start()
+            self.watch_caller(conn, cancel, worker)
 
-    def run(self, job: Job, conn: Connection, caller: int):
+    def watch_caller(self, conn: Connection, cancel: threading.Event, worker: threading.Thread) -> None:
+        """Set `cancel` when the caller asks or goes away (a cancelled run's process is killed). A job that has
+        not stopped CANCEL_GRACE_S later (a step longer than that) ends this process, so that the GPU is free
+        within the time a cancel promises; `wanflow worker` starts a fresh one."""
+        while worker.is_alive() and not cancel.is_set():
+            try:
+                if conn.poll(POLL_S) and receive(conn)[0] == "cancel":
+                    cancel.set()
+            except (EOFError, OSError):
+                cancel.set()
+        worker.join(CANCEL_GRACE_S)
+        if worker.is_alive():
+            log.error("engine worker %s: the cancelled job did not stop within %.0f s: exiting to free the GPU",
+                      self.tag, CANCEL_GRACE_S)
+            self.exit(CANCEL_EXIT)
+
+    @staticmethod
+    def exit(status: int) -> None:
+        """End the process now, whatever its threads are doing."""
+        logging.shutdown()
+        os._exit(status)
+
+    def serve_job(self, job: Job, conn: Connection, caller: int, cancel: threading.Event) -> None:
+        handler = _JobLog(conn, threading.get_ident())
+        log.addHandler(handler)
+        try:
+            send(conn, ("done", self.run(job, conn, caller, cancel.is_set)))
+        except GenerationCancelled as exc:
+            self._send(conn, ("cancelled", str(exc)))
+        except Exception as exc:
+            log.error("engine worker %s: %s failed: %s", self.tag, job.kind, exc)
+            self._send(conn, ("error", _picklable(exc), traceback.format_exc()))
+        finally:
+            log.removeHandler(handler)
+
+    def run(self, job: Job, conn: Connection, caller: int, cancelled: Callable[[], bool]):
         if job.kind == "status":
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
                     "held": self.engines.held(), "busy": self.busy.locked()}
@@ -120,10 +155,10 @@ class EngineWorker:
             if job.kind == "warm_up":
                 return run_warm_up(self.engines, job.run, **job.args)
             if job.kind == "denoise":
-                return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=_Cancel(conn), resident=True)
+                return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=cancelled, resident=True)
             if job.kind == "denoise_rank":  # one rank of a run on several GPUs, this one on this worker's
                 return run_denoise_rank(self.engines, job.run, self.device, on_step=on_step,
-                                        should_cancel=_Cancel(conn), **job.args)
+                                        should_cancel=cancelled, **job.args)
             if job.kind == "decode":
                 return run_decode(self.engines, job.run, **job.args)
             raise ValueError(f"unknown job kind {job.kind!r}")
@@ -136,23 +171,6 @@ class EngineWorker:
             send(conn, message)
         except OSError:
             pass  # the caller is gone
-
-
-class _Cancel:
-    """True once the caller asks to cancel or goes away (its process was killed)."""
-
-    def __init__(self, conn: Connection):
-        self.conn, self.reason = conn, None
-
-    def __call__(self) -> bool:
-        try:
-            while self.reason is None and self.conn.poll(0):
-                message = receive(self.conn)
-                if message[0] == "cancel":
-                    self.reason = message[1]
-        except (EOFError, OSError):
-            self.reason = "the caller went away"
-        return self.reason is not None
 
 
 def _picklable(exc: Exception) -> Exception:

@@ -13,6 +13,7 @@ from multiprocessing.connection import Listener
 import pytest
 import torch
 
+import wan_engine
 from tasks import engine_channel
 from tasks.allocate import Allocation
 from tasks.engine_channel import EngineRefused, EngineWorkerLost, Job, call
@@ -86,6 +87,50 @@ def test_a_job_stops_between_steps_when_its_caller_cancels(worker, tmp_path):
         call("gpu-0", Job("denoise", run, run.allocation.lease_id), should_cancel=lambda: True)
     assert call("gpu-0", Job("status"))["busy"] is False  # free for the next run
     os.close(fd)
+
+
+def test_a_job_that_does_not_stop_after_its_cancel_ends_the_worker_process(tmp_path, monkeypatch):
+    """A step longer than the cancel grace (a big model) must not keep a cancelled run's GPU busy."""
+    monkeypatch.setattr(engine_channel, "engine_dir", lambda: tmp_path / "engines")
+    monkeypatch.setattr("tasks.engine_worker.lock_dir", lambda: tmp_path)
+    monkeypatch.setattr("tasks.engine_worker.CANCEL_GRACE_S", 0.5)
+    engine_channel.engine_dir().mkdir()
+
+    def one_long_step(checkpoint, device, dtype):
+        pipe = wan_engine.load_pipeline(checkpoint, device=device, dtype=dtype)
+        pipe.generate = lambda *args, **kwargs: time.sleep(5)  # never asks whether to stop
+        return pipe
+
+    exits = []
+    served = EngineWorker("gpu-0", "cpu", EngineCache(load_pipeline=one_long_step))
+    served.exit = lambda status: exits.append((status, time.monotonic()))
+    listener = Listener(str(engine_channel.socket_path("gpu-0")), family="AF_UNIX", authkey=engine_channel.authkey())
+    threading.Thread(target=served.serve, args=(listener,), daemon=True).start()
+    run, fd = held_run(tmp_path)
+    cancel_at = []
+
+    def cancel_once_running() -> bool:
+        if not cancel_at and served.busy.locked():
+            cancel_at.append(time.monotonic())
+        return bool(cancel_at)
+
+    caller = threading.Thread(target=lambda: _ignore(call, "gpu-0", Job("denoise", run, run.allocation.lease_id),
+                                                      should_cancel=cancel_once_running), daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 60
+    while not exits:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert exits[0][0] == 75 and exits[0][1] - cancel_at[0] < 2  # the grace (0.5 s), not the step (5 s)
+    listener.close()
+    os.close(fd)
+
+
+def _ignore(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception:
+        pass
 
 
 def test_a_caller_without_the_gpus_lease_is_refused(worker, tmp_path):
