@@ -25,7 +25,6 @@ On SIGTERM or SIGINT:
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.states import Cancelled, Cancelling, Crashed, State
 
 from tasks.allocate import reap_dead_leases
+from tasks.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ KILL_GRACE_S = 10.0  # after our SIGTERM, then SIGKILL
 WORKER_STOP_S = 15.0  # the Prefect worker's own shutdown, then SIGKILL
 PREFECT_WORKER = "prefect-worker"
 ENGINE = "engine-"  # + the GPU's tag
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def flow_run_processes(parent: int) -> dict[UUID, int]:
@@ -73,19 +72,6 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def die_with_parent() -> None:
-    """In a child between fork and exec: have the kernel SIGKILL it when the supervisor dies.
-
-    Otherwise a supervisor killed outright (SIGKILL, the OOM killer) leaves its Prefect worker polling for
-    runs with nobody reaping after it, beside the worker a service manager starts next. The runs in flight
-    lead process groups of their own and finish under their own leases. Linux only; elsewhere a no-op.
-    """
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
 
 
 def signal_process(pid: int, sig: signal.Signals) -> None:
@@ -119,6 +105,8 @@ class Supervisor:
         with get_client(sync_client=True) as client:
             for tag in self.engine_commands:  # before the Prefect worker, so that it is stopped first
                 self._start_engine(tag)
+            # die_with_parent: a supervisor killed outright (SIGKILL, the OOM killer) must not leave its Prefect
+            # worker polling for runs with nobody reaping after it, beside the worker a service manager starts next.
             self.children[PREFECT_WORKER] = subprocess.Popen(self.worker_command, env=self.env,
                                                              start_new_session=True, preexec_fn=die_with_parent)
             log.info("worker %s: Prefect worker pid %d; SIGTERM or Ctrl-C cancels the runs in flight here",

@@ -33,6 +33,7 @@ from tasks.engine_channel import Job, call, call_ranks, resident_tags
 from tasks.gpu_phase import Denoised, run_denoise
 from tasks.leases import GpuLeaseLost
 from tasks.pipelines import EngineCache, process_engines
+from tasks.rank_processes import rank_processes
 from tasks.runs import RunDescription
 from tasks.settings import get_settings
 
@@ -114,12 +115,13 @@ def denoise(run: RunDescription, engines: EngineCache | None = None) -> Denoised
     progress = _Progress(run.steps)
     tags = resident_tags(run, get_settings().engine_tags)
     tag = tags[0] if tags else None
-    if len(run.allocation.tags) > 1 and tags is None:
-        raise RuntimeError(f"a run on {len(run.allocation.tags)} GPUs computes on the resident engine workers of "
-                           f"`wanflow worker`, and {', '.join(run.allocation.tags)} do not all have one here")
     try:
         if tags is not None and len(tags) > 1:
             denoised = call_ranks(tags, run, on_step=progress, should_cancel=_CancelWatch(), log=logger)
+        elif len(run.allocation.tags) > 1:  # no resident workers: the run's own rank processes
+            with rank_processes(run) as directory:
+                denoised = call_ranks(run.allocation.tags, run, on_step=progress, should_cancel=_CancelWatch(),
+                                      log=logger, directory=directory)
         elif tag is not None:
             denoised = call(tag, Job("denoise", run, run.allocation.lease_id), on_step=progress,
                             should_cancel=_CancelWatch(), log=logger)

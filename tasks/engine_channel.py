@@ -62,13 +62,14 @@ def engine_dir() -> Path:
     return get_current_settings().home / "wanflow-engines"
 
 
-def socket_path(tag: str) -> Path:
-    return engine_dir() / f"{tag}.sock"
+def socket_path(tag: str, directory: Path | None = None) -> Path:
+    return (directory or engine_dir()) / f"{tag}.sock"
 
 
-def authkey() -> bytes:
-    """This host's channel key, created on first use readable by this user only."""
-    path = engine_dir() / "authkey"
+def authkey(directory: Path | None = None) -> bytes:
+    """The channel key of the workers in `directory` (default: this host's), created on first use readable by
+    this user only."""
+    path = (directory or engine_dir()) / "authkey"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -114,11 +115,12 @@ def resident_tags(run: RunDescription, engine_tags: list[str]) -> list[str] | No
 
 def call_ranks(tags: list[str], run: RunDescription, on_step: Callable | None = None,
                should_cancel: Callable[[], bool] | None = None,
-               log: logging.Logger | logging.LoggerAdapter | None = None) -> Any:
-    """Denoise `run` on the workers of `tags`, rank r on `tags[r]`, in a process group of those workers formed for
-    this job over a TCPStore this process holds (it goes with the process: a killed run leaves no group behind).
-    Returns rank 0's value; steps come from rank 0, and a cancel reaches every rank (they stop at the same
-    step). When ranks fail, the first error that is not another rank's echo of it is raised."""
+               log: logging.Logger | logging.LoggerAdapter | None = None, directory: Path | None = None) -> Any:
+    """Denoise `run` on the workers of `tags` (in `directory`, default this host's), rank r on `tags[r]`, in a
+    process group of those workers formed for this job over a TCPStore this process holds (it goes with the
+    process: a killed run leaves no group behind). Returns rank 0's value; steps come from rank 0, and a cancel
+    reaches every rank (they stop at the same step). When ranks fail, the first error that is not another
+    rank's echo of it is raised."""
     store = dist.TCPStore("127.0.0.1", 0, len(tags), is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
     address = ("127.0.0.1", store.port)
@@ -132,7 +134,8 @@ def call_ranks(tags: list[str], run: RunDescription, on_step: Callable | None = 
     def rank(r: int, tag: str) -> None:
         job = Job("denoise_rank", run, run.allocation.lease_id, {"rank": r, "world_size": len(tags), "store": address})
         try:
-            values[r] = call(tag, job, on_step if r == 0 else None, stop if r == 0 else cancelled.is_set, log)
+            values[r] = call(tag, job, on_step if r == 0 else None, stop if r == 0 else cancelled.is_set, log,
+                             directory=directory)
         except BaseException as exc:
             errors[r] = exc
             cancelled.set()  # the other ranks stop too, at the latest when their collectives time out
@@ -155,12 +158,13 @@ def resident_tag(run: RunDescription, engine_tags: list[str]) -> str | None:
     return tags[0] if tags else None
 
 
-def connect(tag: str, wait_s: float = CONNECT_WAIT_S) -> Connection:
-    """A connection to `tag`'s worker, waiting up to `wait_s` for one being restarted."""
-    path, deadline = socket_path(tag), time.monotonic() + wait_s
+def connect(tag: str, wait_s: float = CONNECT_WAIT_S, directory: Path | None = None) -> Connection:
+    """A connection to `tag`'s worker in `directory` (default: this host's), waiting up to `wait_s` for one being
+    started."""
+    path, deadline = socket_path(tag, directory), time.monotonic() + wait_s
     while True:
         try:
-            return Client(str(path), family="AF_UNIX", authkey=authkey())
+            return Client(str(path), family="AF_UNIX", authkey=authkey(directory))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if time.monotonic() >= deadline:
                 raise EngineWorkerLost(f"no resident engine worker answers for {tag} at {path} after {wait_s:.0f} s "
@@ -169,14 +173,15 @@ def connect(tag: str, wait_s: float = CONNECT_WAIT_S) -> Connection:
 
 
 def call(tag: str, job: Job, on_step: Callable | None = None, should_cancel: Callable[[], bool] | None = None,
-         log: logging.Logger | logging.LoggerAdapter | None = None, wait_s: float = CONNECT_WAIT_S) -> Any:
-    """Run `job` on `tag`'s worker and return its value.
+         log: logging.Logger | logging.LoggerAdapter | None = None, wait_s: float = CONNECT_WAIT_S,
+         directory: Path | None = None) -> Any:
+    """Run `job` on `tag`'s worker (in `directory`, default this host's) and return its value.
 
     Steps go to `on_step(info, reused)`, the worker's log lines to `log`. When `should_cancel()` turns true the
     worker is told to stop; the call then raises wan_engine.GenerationCancelled with the worker's message.
     A worker that dies during the call raises EngineWorkerLost.
     """
-    conn = connect(tag, wait_s)
+    conn = connect(tag, wait_s, directory)
     pid, cancel_sent = peer_pid(conn), False
     try:
         send(conn, job)

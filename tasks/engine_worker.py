@@ -31,6 +31,7 @@ from tasks.gpu_phase import run_decode, run_denoise, run_denoise_rank, run_warm_
 from tasks.leases import lock_dir
 from tasks.lockfiles import dead_record
 from tasks.pipelines import EngineCache
+from tasks.processes import die_with_parent
 from wan_engine import GenerationCancelled
 
 log = logging.getLogger("wanflow")
@@ -75,9 +76,10 @@ class _JobLog(logging.Handler):
 class EngineWorker:
     """Serves one GPU's jobs from one engine cache."""
 
-    def __init__(self, tag: str, device: str, engines: EngineCache | None = None):
+    def __init__(self, tag: str, device: str, engines: EngineCache | None = None, owner: int | None = None):
         self.tag, self.device = tag, device
         self.engines = engines or EngineCache()
+        self.owner = owner  # a run's own rank process serves that run's process only (it holds the GPUs)
         self.busy = threading.Lock()
 
     def serve(self, listener: Listener) -> None:
@@ -143,7 +145,10 @@ class EngineWorker:
         if job.kind == "status":
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
                     "held": self.engines.held(), "busy": self.busy.locked()}
-        check_lease(job, self.tag, caller, lock_dir() / "leases")
+        if self.owner is None:
+            check_lease(job, self.tag, caller, lock_dir() / "leases")
+        elif caller != self.owner:
+            raise EngineRefused(f"refused: this rank process serves pid {self.owner} only, not {caller}")
         if job.kind != "denoise_rank" and job.run.device != self.device:
             raise EngineRefused(f"refused: the run computes on {job.run.device}; this worker serves {self.device}")
         if not self.busy.acquire(timeout=JOB_WAIT_S):
@@ -158,7 +163,7 @@ class EngineWorker:
                 return run_denoise(self.engines, job.run, on_step=on_step, should_cancel=cancelled, resident=True)
             if job.kind == "denoise_rank":  # one rank of a run on several GPUs, this one on this worker's
                 return run_denoise_rank(self.engines, job.run, self.device, on_step=on_step,
-                                        should_cancel=cancelled, **job.args)
+                                        should_cancel=cancelled, resident=self.owner is None, **job.args)
             if job.kind == "decode":
                 return run_decode(self.engines, job.run, **job.args)
             raise ValueError(f"unknown job kind {job.kind!r}")
@@ -186,16 +191,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", required=True, help="the GPU's concurrency tag, e.g. gpu-0")
     parser.add_argument("--device", required=True, help="where the engine computes: cuda:k, or cpu for tests")
+    parser.add_argument("--dir", type=Path, help="the folder of the socket and key (default: PREFECT_HOME's)")
+    parser.add_argument("--owner", type=int, help="serve only this process, and die with it: a run's own rank "
+                        "process (tasks/rank_processes.py), which checks no lease")
     args = parser.parse_args(argv)
+    if args.owner is not None:
+        die_with_parent()
+        if os.getppid() != args.owner:  # it died before the line above took effect
+            return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     apply_gpu_environment({})  # before CUDA starts
-    path = socket_path(args.tag)
+    path = socket_path(args.tag, args.dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # left by a worker that died
-    listener = Listener(str(path), family="AF_UNIX", authkey=authkey())
+    listener = Listener(str(path), family="AF_UNIX", authkey=authkey(args.dir))
     os.chmod(path, 0o600)  # the key guards the calls; the mode keeps other users from even connecting
     try:
-        EngineWorker(args.tag, args.device).serve(listener)
+        EngineWorker(args.tag, args.device, owner=args.owner).serve(listener)
     except KeyboardInterrupt:  # `wanflow worker` stops its children with SIGINT
         pass
     finally:

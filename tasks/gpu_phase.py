@@ -160,7 +160,7 @@ def _denoised(run: RunDescription, result, handle, load_s: float, energy: dict |
 
 def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, rank: int, world_size: int,
                      store: tuple[str, int], on_step: StepListener | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> Denoised | None:
+                     should_cancel: Callable[[], bool] | None = None, resident: bool = True) -> Denoised | None:
     """Rank `rank` of a run computed on `world_size` devices, this one on `device`: it joins the job's process
     group over the caller's TCPStore at `store` (host, port), runs wan_engine.parallel.run_rank and dissolves the
     group. Rank 0 returns what was denoised, the others None."""
@@ -190,7 +190,7 @@ def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, ran
     if result is None:
         return None
     seconds = result.parallel["rank_denoise_seconds"]
-    engine = {**engine_record(run, engines, True, seconds[0]),
+    engine = {**engine_record(run, engines, resident, seconds[0]),
               "parallel": {"ulysses": parallel.ulysses, "cfg": parallel.cfg, "gpus": run.allocation.gpu_ids,
                            "world_size": world_size},
               "ranks": [{"rank": r, "device": g.device, "denoise_s": round(s, 4)}

@@ -34,7 +34,7 @@ def test_the_flow_run_processes_a_worker_started_are_found_with_their_run_ids():
 
 PARENT = """
 import subprocess, sys, time
-from deployments.supervisor import die_with_parent
+from tasks.processes import die_with_parent
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True,
                          preexec_fn=die_with_parent)
 print(child.pid, flush=True)

@@ -1,5 +1,6 @@
 """A run held on two GPUs computes on both: two resident engine workers (CPU-backed, gloo) form a process group
-for the job only, and the latents equal one process's within 1e-5 (fp32)."""
+for the job only, or, with no resident workers, the run's own two rank processes do; either way the latents
+equal one process's within 1e-5 (fp32)."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +9,14 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
 
 from tasks import engine_channel
 from tasks.allocate import Allocation
+from tasks.denoise import denoise
 from tasks.engine_channel import Job, call, call_ranks
 from tasks.gpu_phase import run_denoise
 from tasks.gpus import GpuInfo
@@ -66,3 +69,25 @@ def test_two_resident_workers_compute_one_run_as_one_process_would(two_workers):
     assert engine["parallel"]["world_size"] == 2 and engine["parallel"]["gpus"] == [0, 1]
     assert engine["parallel"]["ulysses"] * engine["parallel"]["cfg"] == 2
     assert [r["rank"] for r in engine["ranks"]] == [0, 1] and all(r["denoise_s"] > 0 for r in engine["ranks"])
+
+
+def test_without_resident_workers_a_run_on_two_gpus_starts_its_own_two_rank_processes(no_prefect_server):
+    run = tiny_run(seed=3, steps=3, allocation=Allocation(gpus=[gpu(0), gpu(1)], tags=["gpu-0", "gpu-1"]))
+    denoised = denoise.fn(run)
+    alone = run_denoise(EngineCache(), tiny_run(seed=3, steps=3))
+    torch.testing.assert_close(denoised.latents, alone.latents, atol=1e-5, rtol=1e-5)
+    assert not denoised.engine["resident"] and denoised.engine["parallel"]["world_size"] == 2
+    assert denoised.engine["pid"] != os.getpid()  # rank 0 ran in a child
+    assert not [p for p in child_commands() if "tasks.engine_worker" in p]  # and the children are gone
+
+
+def child_commands() -> list[str]:
+    """The command lines of this process's children, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
