@@ -8,7 +8,9 @@ While the job runs, the run may send `("cancel", reason)`; the worker stops betw
 
 Which runs use it: `wanflow worker` names the GPU tags it keeps resident engines on in `WAN_ENGINE_TAGS`, which the
 flow runs it starts inherit. A run holding one of those GPUs sends its GPU phase there; any other run (a Python
-call, `wanflow generate`, the demo) computes in its own process.
+call, `wanflow generate`, the demo) computes in its own process, or, held on several GPUs, on rank processes of
+its own (tasks/rank_processes.py) reached through this same channel. A run on k GPUs sends one `denoise_rank`
+job to each of their workers (`call_ranks`), which form a process group for that job only.
 """
 from __future__ import annotations
 
