@@ -163,11 +163,25 @@ def describe_markdown(published: Published, record: dict) -> str:
         f"- seed {record['seed']}, {request['steps']} steps, solver {literal(request['solver'])}, "
         f"tier {literal(str(record['tier']))}",
         f"- ran on {literal(gpus)}",
+        *_engine_lines(record),
         *_prompt_lines(record),
         *_tier_lines(record),
         f"- {', '.join(f'{k} {v:.2f} s' for k, v in record['timings_s'].items())}",
         *_energy_lines(record),
     ])
+
+
+def _engine_lines(record: dict) -> list[str]:
+    """The parallel plan and each rank's denoising seconds, and whether a resident engine worker computed."""
+    engine = record.get("engine") or {}
+    if not engine:
+        return []
+    plan = engine["parallel"]
+    where = ("resident engine worker(s)" if engine["resident"] else
+             "the run's own rank processes" if plan["world_size"] > 1 else "the run's own process")
+    ranks = ", ".join(f"rank {r['rank']} {r['denoise_s']:.2f} s" for r in engine["ranks"])
+    return [f"- {plan['world_size']} rank(s) (Ulysses {plan['ulysses']} x CFG {plan['cfg']}) on {where}, "
+            f"pipelines loaded there so far: {engine['loads']}; denoising per rank: {ranks}"]
 
 
 def _energy_lines(record: dict) -> list[str]:

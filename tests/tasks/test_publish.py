@@ -122,6 +122,19 @@ def test_record_holds_the_tier_its_patches_and_the_steps_it_skipped(tmp_path):
     assert record["energy"] is None and "the GPU drew" not in markdown
 
 
+def test_record_and_page_show_the_parallel_plan_and_each_ranks_seconds(tmp_path):
+    engine = {"resident": True, "pid": 7, "loads": 1, "parallel": {"ulysses": 2, "cfg": 2, "gpus": [0, 1, 2, 3],
+              "world_size": 4}, "ranks": [{"rank": r, "device": f"cuda:{r}", "denoise_s": 1.5 + r} for r in range(4)]}
+    denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 0.0},
+                        step_seconds=[0.5] * 4, block_stack=["computed"] * 4, engine=engine)
+    video = EncodedVideo(tmp_path / "v.mp4", frames=5, width=64, height=64, fps=16, decode_s=0.2, write_s=0.1)
+    record = build_record(tiny_run(), denoised, video, "run")
+    assert record["engine"] == engine
+    markdown = describe_markdown(_published_at(tmp_path), record)
+    assert ("4 rank(s) (Ulysses 2 x CFG 2) on resident engine worker(s), pipelines loaded there so far: 1; "
+            "denoising per rank: rank 0 1.50 s, rank 1 2.50 s, rank 2 3.50 s, rank 3 4.50 s") in markdown
+
+
 def test_record_reports_the_gpu_energy_of_the_denoising(tmp_path):
     reading = PowerReading(joules=77_040.0, seconds=112.0, sm_mhz=1603.4, power_capped=0.98, samples=9000)
     denoised = Denoised(latents=torch.zeros(16, 2, 8, 8), seed=4, settings={"steps": 4}, timings={"load": 1.0},
