@@ -22,6 +22,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
@@ -83,14 +84,17 @@ class EngineWorker:
         self.busy = threading.Lock()
 
     def serve(self, listener: Listener) -> None:
-        """Accept calls until the process is stopped; each connection is served on its own thread."""
+        """Accept calls until the process is stopped or the listener closed; each connection is served on its own
+        thread."""
         log.info("engine worker %s on %s: serving %s", self.tag, self.device, listener.address)
         while True:
             try:
                 conn = listener.accept()
-            except (OSError, EOFError) as exc:  # a caller that failed the handshake
+            except (AuthenticationError, EOFError, ConnectionError) as exc:  # a caller that failed the handshake
                 log.warning("engine worker %s: refused a connection: %s", self.tag, exc)
                 continue
+            except OSError:  # the listener was closed: the worker stops
+                return
             threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
 
     def handle(self, conn: Connection) -> None:
