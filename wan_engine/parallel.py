@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from .pipeline import GenerationResult, StepInfo, WanPipeline
+from .pipeline import GenerationCancelled, GenerationResult, StepInfo, WanPipeline
 from .plan import CFG_MODES
 from .ulysses import Ulysses
 
@@ -132,9 +132,12 @@ class JobGroup:
     @contextmanager
     def reporting(self) -> Iterator[None]:
         """Errors inside: the first rank to fail records its error and closes the group (re-raising it); a rank
-        that fails after (its collective broken by the first) raises `RankFailed` with the first one's error."""
+        that fails after (its collective broken by the first) raises `RankFailed` with the first one's error.
+        A cancellation passes through: the ranks agreed on it and the group can serve on."""
         try:
             yield
+        except GenerationCancelled:   # every rank stopped at the same agreed step: the group is still sound
+            raise
         except BaseException as exc:
             order = self.store.add(ERROR_PREFIX + "count", 1)
             self.store.set(f"{ERROR_PREFIX}{order}", f"{self.rank}\t{type(exc).__name__}: {exc}")

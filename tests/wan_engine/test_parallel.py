@@ -1,0 +1,185 @@
+"""One job on two CPU processes (gloo, float32, the tiny T2V and I2V checkpoints) against the one-process loop.
+
+Spawning costs seconds on a small machine, so one spawned job of two ranks runs every check in turn and rank 0
+saves what it made; the checks end with a rank that raises mid-run, which must fail both ranks quickly."""
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+import wan_engine
+from patches.teacache import TeaCacheConfig, apply_teacache
+from tests.conftest import ORACLE_DIR, rel_err
+from wan_engine import RunHook
+from wan_engine.parallel import ParallelPlan, RankFailed, init_job_group, run_rank
+
+JOB_TIMEOUT = datetime.timedelta(seconds=20)   # every collective's bound in the spawned job
+SPAWN_LIMIT_S = 300
+T2V = dict(prompt="a red fox in the snow", negative_prompt="blurry", size=(48, 48), frame_num=9, steps=4, seed=3)
+I2V = dict(prompt="a boat on a lake", size=(48, 32), frame_num=5, steps=3, seed=4)
+TEACACHE = dict(steps=8, config=TeaCacheConfig(threshold=0.2, use_ret_steps=False))
+# name -> (checkpoint, run arguments, parallel plan); T2V at 48x48, 9 frames: 27 tokens, an uneven split on 2
+CHECKS = {
+    "t2v_ulysses": ("t2v", T2V, ParallelPlan(2, 1)),
+    "t2v_cfg": ("t2v", T2V, ParallelPlan(1, 2)),
+    "t2v_unguided_ulysses": ("t2v", {**T2V, "guide_scale": 1.0}, ParallelPlan(2, 1)),
+    "i2v_ulysses": ("i2v", I2V, ParallelPlan(2, 1)),
+    "i2v_cfg": ("i2v", I2V, ParallelPlan(1, 2)),
+}
+
+
+def _image() -> Image.Image:
+    gradient = np.linspace(0, 255, 40 * 56 * 3).reshape(40, 56, 3).astype(np.uint8)
+    return Image.fromarray(gradient)
+
+
+def _run_args(task: str, args: dict) -> dict:
+    return {**args, "image": _image()} if task == "i2v" else dict(args)
+
+
+def _load(task: str):
+    return wan_engine.load_pipeline(ORACLE_DIR / f"{task}-A14B-tiny", device="cpu", dtype=torch.float32)
+
+
+class _RaiseAtStep(RunHook):
+    def block_stack(self, call, tokens, run_blocks):
+        if call.step == 1:
+            raise ValueError("rank 1 ran out of luck")
+        return run_blocks(tokens)
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=JOB_TIMEOUT)
+    job = init_job_group(rank, 2, store, "gloo", JOB_TIMEOUT)
+    pipes = {"t2v": _load("t2v"), "i2v": _load("i2v")}
+    results = {}
+    for name, (task, args, parallel) in CHECKS.items():
+        results[name] = run_rank(pipes[task], job, parallel, **_run_args(task, args), decode=name == "t2v_ulysses")
+    # a step-cached run: TeaCache on both ranks, its schedule from the plan, so both skip the same calls
+    handle = apply_teacache(pipes["t2v"], TEACACHE["config"], steps=TEACACHE["steps"])
+    results["t2v_teacache_ulysses"] = run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V | {"steps": 8},
+                                               decode=False)
+    results["teacache_calls"] = [(c.step, c.branches, c.computed) for c in handle.calls]
+    handle.remove()
+    # a cancel asked on rank 1 only stops both ranks at the same step; the group serves on
+    asked = []
+
+    def should_cancel() -> bool:   # rank 1 says yes when asked before the second step
+        asked.append(True)
+        return rank == 1 and len(asked) == 2
+
+    try:
+        run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V, should_cancel=should_cancel, decode=False)
+        outcome = "no cancel"
+    except wan_engine.GenerationCancelled as exc:
+        outcome = str(exc)
+    (Path(out) / f"cancel-{rank}.txt").write_text(outcome)
+    if rank == 0:
+        torch.save(results, Path(out) / "results.pt")
+    # last, as it dissolves the group: rank 1 raises at step 1
+    if rank == 1:
+        pipes["t2v"].hooks.register(_RaiseAtStep())
+    started = time.monotonic()
+    try:
+        run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V, decode=False)
+        outcome = "no error"
+    except Exception as exc:
+        outcome = f"{type(exc).__name__}|{getattr(exc, 'rank', '')}|{exc}"
+    (Path(out) / f"failure-{rank}.txt").write_text(f"{time.monotonic() - started:.3f}\n{outcome}")
+
+
+def _rank_entry(rank: int, port: int, out: str) -> None:
+    try:
+        _rank_main(rank, port, out)
+    except BaseException:
+        (Path(out) / f"crash-{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """Runs the two-rank job once (bounded) and returns the folder of what its ranks wrote."""
+    out = tmp_path_factory.mktemp("parallel")
+    ctx = mp.start_processes(_rank_entry, args=(_free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + SPAWN_LIMIT_S
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the two-rank job ran past {SPAWN_LIMIT_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    crashes = sorted(out.glob("crash-*.txt"))
+    assert not crashes, crashes[0].read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(job) -> dict:
+    return torch.load(job / "results.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def pipes() -> dict:
+    return {"t2v": _load("t2v"), "i2v": _load("i2v")}
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_two_ranks_equal_the_one_process_loop(results, pipes, name):
+    task, args, parallel = CHECKS[name]
+    got = results[name]
+    expected = pipes[task].generate(**_run_args(task, args), decode=name == "t2v_ulysses")
+    assert rel_err(got.latents, expected.latents) < 1e-5
+    assert got.parallel["world"] == 2 and (got.parallel["ulysses"], got.parallel["cfg"]) == (parallel.ulysses,
+                                                                                              parallel.cfg)
+    assert len(got.parallel["rank_denoise_seconds"]) == 2
+    assert got.prompt_tokens.keys() == expected.prompt_tokens.keys()
+    if expected.frames is not None:   # decoded on rank 0 like the one-process run
+        assert np.abs(got.frames.astype(int) - expected.frames.astype(int)).max() <= 1
+
+
+def test_a_step_cached_run_takes_the_same_skips_and_equals_the_one_process_loop(results, pipes):
+    pipe = pipes["t2v"]
+    handle = apply_teacache(pipe, TEACACHE["config"], steps=TEACACHE["steps"])
+    try:
+        expected = pipe.generate(**T2V | {"steps": 8}, decode=False)
+        calls = [(c.step, c.branches, c.computed) for c in handle.calls]
+    finally:
+        handle.remove()
+    assert any(not computed for *_, computed in calls), "the check needs a schedule that skips"
+    assert results["teacache_calls"] == calls
+    assert rel_err(results["t2v_teacache_ulysses"].latents, expected.latents) < 1e-5
+
+
+def test_a_cancel_on_one_rank_stops_both_at_the_same_step_and_the_group_serves_on(job):
+    assert [(job / f"cancel-{r}.txt").read_text() for r in (0, 1)] == ["cancelled before step 2/4"] * 2
+    # the failure check after it ran on the same group: both ranks got there and into step 1
+    assert (job / "failure-0.txt").exists() and (job / "failure-1.txt").exists()
+
+
+def test_a_rank_that_raises_fails_the_job_on_every_rank_quickly(job):
+    (seconds_0, outcome_0), (seconds_1, outcome_1) = (
+        (job / f"failure-{r}.txt").read_text().split("\n", 1) for r in (0, 1))
+    assert outcome_1 == "ValueError||rank 1 ran out of luck"
+    kind, rank, message = outcome_0.split("|", 2)
+    assert (kind, rank) == (RankFailed.__name__, "1") and "rank 1 ran out of luck" in message
+    assert float(seconds_0) < JOB_TIMEOUT.total_seconds() / 2   # the closed group fails it, not the timeout
