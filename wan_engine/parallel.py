@@ -39,7 +39,7 @@ import torch.distributed._functional_collectives as funcol
 
 from .pipeline import GenerationCancelled, GenerationResult, StepInfo, WanPipeline
 from .plan import CFG_MODES
-from .ulysses import Ulysses
+from .ulysses import Ulysses, all_gather
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class RankGroups:
 
     def exchange_branches(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's branch prediction [1, C, f, h, w] -> (cond, uncond), both on every rank of the pair."""
-        both = funcol.wait_tensor(funcol.all_gather_tensor(pred.contiguous(), 0, self.cfg_group))  # [2, C, f, h, w]
+        both = all_gather(pred, self.cfg_group)  # [2, C, f, h, w]
         return both[0:1], both[1:2]
 
     def any(self, flag: bool, device: torch.device) -> bool:
@@ -264,8 +264,7 @@ def _run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: 
     sampled = pipe.sample(plan, context, y, callback=callback if lead else None,
                           should_cancel=should_cancel, ranks=ranks)
     timings["denoise"] = sampled.seconds
-    rank_seconds = funcol.wait_tensor(funcol.all_gather_tensor(
-        torch.tensor([sampled.seconds], device=device, dtype=torch.float64), 0, group)).tolist()
+    rank_seconds = all_gather(torch.tensor([sampled.seconds], device=device, dtype=torch.float64), group).tolist()
     if not lead:
         return None
     result = pipe.result(plan, sampled, text, negative_prompt, timings, decode)

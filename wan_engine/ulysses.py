@@ -22,6 +22,14 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor
 
+# torch 2.13 renamed all_gather_tensor (now deprecated) to all_gather_single; older releases have only the first.
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
+def all_gather(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """[n, ...] from each of the group's W ranks -> [W * n, ...] in rank order, on every rank."""
+    return funcol.wait_tensor(_all_gather(x.contiguous(), 0, group))
+
 
 @dataclass(frozen=True)
 class Ulysses:
@@ -65,8 +73,9 @@ class SequenceShard:
 
     def gather(self, x: Tensor) -> Tensor:
         """[B, local, C] from every rank -> [B, tokens, C], the padding dropped."""
-        whole = funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 1, self.group))  # [B, padded, C]
-        return whole[:, :self.tokens]
+        B, Ls, C = x.shape
+        parts = all_gather(x, self.group).view(self.size, B, Ls, C)  # [U, B, Ls, C]: rank j's tokens
+        return parts.transpose(0, 1).reshape(B, self.padded, C)[:, :self.tokens]
 
     def to_heads(self, x: Tensor) -> Tensor:
         """[B, N, local, D] (my tokens, all heads) -> [B, N / size, padded, D] (all tokens, my heads)."""

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import wan_engine
+from patches.compile import CompileConfig, apply_compile
 from patches.teacache import TeaCacheConfig, apply_teacache
 from tests.conftest import ORACLE_DIR, rel_err
 from wan_engine import RunHook
@@ -72,6 +73,9 @@ def _rank_main(rank: int, port: int, out: str) -> None:
                                                decode=False)
     results["teacache_calls"] = [(c.step, c.branches, c.computed) for c in handle.calls]
     handle.remove()
+    # compiled blocks (full graphs, the all-to-alls inside them), traced by AOTAutograd without generating kernels
+    with apply_compile(pipes["t2v"], CompileConfig(backend="aot_eager")):
+        results["t2v_ulysses_compiled"] = run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V, decode=False)
     # a cancel asked on rank 1 only stops both ranks at the same step; the group serves on
     asked = []
 
@@ -168,6 +172,11 @@ def test_a_step_cached_run_takes_the_same_skips_and_equals_the_one_process_loop(
     assert any(not computed for *_, computed in calls), "the check needs a schedule that skips"
     assert results["teacache_calls"] == calls
     assert rel_err(results["t2v_teacache_ulysses"].latents, expected.latents) < 1e-5
+
+
+def test_compiled_blocks_split_over_two_ranks_equal_the_one_process_loop(results, pipes):
+    expected = pipes["t2v"].generate(**T2V, decode=False)
+    assert rel_err(results["t2v_ulysses_compiled"].latents, expected.latents) < 1e-5
 
 
 def test_a_cancel_on_one_rank_stops_both_at_the_same_step_and_the_group_serves_on(job):
