@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from .pipeline import GenerationCancelled, GenerationResult, StepInfo, WanPipeline
-from .plan import CFG_MODES
+from .plan import CFG_MODES, plan_steps
 from .ulysses import Ulysses, all_gather
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,11 @@ def run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: s
     Returns the result on rank 0 (with `parallel`: the plan and every rank's denoise seconds), None elsewhere.
     `callback` is called on rank 0; `should_cancel` is asked on every rank and any rank's yes stops them all
     at the same step (GenerationCancelled). A failure on any rank fails every rank (see the module docstring)."""
+    # Argument errors, the same on every rank, are raised before the job's group is touched.
+    if parallel.world != job.size:
+        raise ValueError(f"the parallel plan needs {parallel.world} ranks, the job has {job.size}")
+    unguided = all(g == 1.0 for g in plan_steps(pipe.spec, steps, shift, solver, guide_scale).guide_scales)
+    parallel.check(next(iter(pipe.experts.values())).config.num_heads, "none" if unguided else "sequential")
     with job.reporting():
         return _run_rank(pipe, job, parallel, prompt, negative_prompt, image=image, size=size,
                          frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver,
@@ -240,7 +245,6 @@ def _run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: 
     unguided = all(g == 1.0 for g in plan.steps.guide_scales)
     cfg_mode = "none" if unguided else "sequential" if parallel.cfg == 2 else "batched"
     dit_config = next(iter(pipe.experts.values())).config
-    parallel.check(dit_config.num_heads, cfg_mode)
     if cfg_mode == "batched":
         unbatched = not pipe.batch_cfg(math.ceil(plan.grid.tokens / parallel.ulysses))
         cfg_mode = "sequential" if _max(int(unbatched), group, device) else "batched"

@@ -103,9 +103,27 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     (Path(out) / f"failure-{rank}.txt").write_text(f"{time.monotonic() - started:.3f}\n{outcome}")
 
 
-def _rank_entry(rank: int, port: int, out: str) -> None:
+def _rank_2x2(rank: int, port: int, out: str) -> None:
+    """Four ranks: 2 CFG halves x 2 Ulysses ranks each; then a plan whose Ulysses degree the heads refuse."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 4, is_master=rank == 0, timeout=JOB_TIMEOUT)
+    job = init_job_group(rank, 4, store, "gloo", JOB_TIMEOUT)
+    pipe = _load("t2v")
+    result = run_rank(pipe, job, ParallelPlan(2, 2), **T2V, decode=False)
     try:
-        _rank_main(rank, port, out)
+        run_rank(pipe, job, ParallelPlan(4, 1), **T2V, decode=False)
+        refused = "accepted"
+    except ValueError as exc:
+        refused = str(exc)
+    if rank == 0:
+        torch.save({"t2v_2x2": result}, Path(out) / "results.pt")
+    (Path(out) / f"refused-{rank}.txt").write_text(refused)
+    job.close()
+
+
+def _rank_entry(rank: int, main, port: int, out: str) -> None:
+    try:
+        main(rank, port, out)
     except BaseException:
         (Path(out) / f"crash-{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -117,11 +135,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory) -> Path:
-    """Runs the two-rank job once (bounded) and returns the folder of what its ranks wrote."""
-    out = tmp_path_factory.mktemp("parallel")
-    ctx = mp.start_processes(_rank_entry, args=(_free_port(), str(out)), nprocs=2, join=False, start_method="spawn")
+def _spawn(main, nprocs: int, out: Path) -> Path:
+    """Runs `main(rank, port, out)` in `nprocs` processes (bounded, all killed at the end); fails on a crash."""
+    ctx = mp.start_processes(_rank_entry, args=(main, _free_port(), str(out)), nprocs=nprocs, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + SPAWN_LIMIT_S
     try:
         while not ctx.join(timeout=1):
@@ -135,6 +152,12 @@ def job(tmp_path_factory) -> Path:
     crashes = sorted(out.glob("crash-*.txt"))
     assert not crashes, crashes[0].read_text()
     return out
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    """Runs the two-rank job once and returns the folder of what its ranks wrote."""
+    return _spawn(_rank_main, 2, tmp_path_factory.mktemp("parallel"))
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +215,13 @@ def test_a_rank_that_raises_fails_the_job_on_every_rank_quickly(job):
     kind, rank, message = outcome_0.split("|", 2)
     assert (kind, rank) == (RankFailed.__name__, "1") and "rank 1 ran out of luck" in message
     assert float(seconds_0) < JOB_TIMEOUT.total_seconds() / 2   # the closed group fails it, not the timeout
+
+
+def test_four_ranks_as_two_cfg_halves_of_two_ulysses_ranks_equal_the_one_process_loop(tmp_path, pipes):
+    out = _spawn(_rank_2x2, 4, tmp_path)
+    got = torch.load(out / "results.pt", weights_only=False)["t2v_2x2"]
+    assert rel_err(got.latents, pipes["t2v"].generate(**T2V, decode=False).latents) < 1e-5
+    assert got.parallel | {"rank_denoise_seconds": None} == {"world": 4, "ulysses": 2, "cfg": 2,
+                                                               "rank_denoise_seconds": None}
+    refused = {(out / f"refused-{r}.txt").read_text() for r in range(4)}
+    assert refused == {"Ulysses degree 4 does not divide the model's 2 heads"}   # on every rank, no hang
