@@ -37,8 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from .pipeline import GenerationCancelled, GenerationResult, StepInfo, WanPipeline
-from .plan import CFG_MODES, plan_steps
+from .pipeline import GenerationCancelled, GenerationResult, PromptContext, StepInfo, WanPipeline
+from .plan import CFG_MODES, RunPlan, plan_steps
 from .ulysses import Ulysses, all_gather
 
 log = logging.getLogger(__name__)
@@ -139,12 +139,17 @@ class JobGroup:
         except GenerationCancelled:   # every rank stopped at the same agreed step: the group is still sound
             raise
         except BaseException as exc:
-            order = self.store.add(ERROR_PREFIX + "count", 1)
-            self.store.set(f"{ERROR_PREFIX}{order}", f"{self.rank}\t{type(exc).__name__}: {exc}")
-            self.close()
-            if order == 1:
+            try:
+                order = self.store.add(ERROR_PREFIX + "count", 1)
+                self.store.set(f"{ERROR_PREFIX}{order}", f"{self.rank}\t{type(exc).__name__}: {exc}")
+                first = self.store.get(f"{ERROR_PREFIX}1").decode() if order > 1 else None
+            except Exception:   # the store went with a dead rank: this rank's own error is all there is
+                first = None
+            finally:
+                self.close()
+            if first is None:
                 raise
-            first_rank, first_error = self.store.get(f"{ERROR_PREFIX}1").decode().split("\t", 1)
+            first_rank, first_error = first.split("\t", 1)
             raise RankFailed(int(first_rank), first_error) from exc
 
 
@@ -189,6 +194,11 @@ class RankGroups:
         return cls(job.group, plan, job.rank // u if plan.cfg == 2 else 0,
                    None if sp_group is None else Ulysses.of(sp_group), cfg_group)
 
+    def close(self) -> None:
+        """Destroy the sub-groups `build` formed (the job's own group stays with the job)."""
+        for group in {self.ulysses.group if self.ulysses else None, self.cfg_group} - {None, self.job}:
+            dist.destroy_process_group(group)
+
     def exchange_branches(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's branch prediction [1, C, f, h, w] -> (cond, uncond), both on every rank of the pair."""
         both = all_gather(pred, self.cfg_group)  # [2, C, f, h, w]
@@ -227,50 +237,59 @@ def run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: s
     unguided = all(g == 1.0 for g in plan_steps(pipe.spec, steps, shift, solver, guide_scale).guide_scales)
     parallel.check(next(iter(pipe.experts.values())).config.num_heads, "none" if unguided else "sequential")
     with job.reporting():
-        return _run_rank(pipe, job, parallel, prompt, negative_prompt, image=image, size=size,
-                         frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, solver=solver,
-                         seed=seed, decode=decode, callback=callback, should_cancel=should_cancel)
+        return _run_rank(pipe, job, parallel, prompt, negative_prompt, decode=decode, callback=callback,
+                         should_cancel=should_cancel, image=image, size=size, frame_num=frame_num, steps=steps,
+                         shift=shift, guide_scale=guide_scale, solver=solver, seed=seed)
 
 
 def _run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: str, negative_prompt: str, *,
-              image, size, frame_num, steps, shift, guide_scale, solver, seed, decode, callback,
-              should_cancel) -> GenerationResult | None:
-    device, group, lead = pipe.device, job.group, job.rank == 0
-    timings: dict[str, float] = {}
+              decode: bool, callback, should_cancel, **plan_args) -> GenerationResult | None:
     t0 = time.perf_counter()
-    # Every rank plans the same run. The CFG mode is agreed: none when unguided, one branch per forward with
-    # CFG parallelism, else batched only when every rank has the memory for it.
-    plan = pipe.plan(image=image, size=size, frame_num=frame_num, steps=steps, shift=shift,
-                     guide_scale=guide_scale, solver=solver, seed=seed, cfg="sequential")
-    unguided = all(g == 1.0 for g in plan.steps.guide_scales)
-    cfg_mode = "none" if unguided else "sequential" if parallel.cfg == 2 else "batched"
-    dit_config = next(iter(pipe.experts.values())).config
-    if cfg_mode == "batched":
-        unbatched = not pipe.batch_cfg(math.ceil(plan.grid.tokens / parallel.ulysses))
-        cfg_mode = "sequential" if _max(int(unbatched), group, device) else "batched"
+    plan = _agreed_plan(pipe, job, parallel, **plan_args)
+    text, context, y = _shared_inputs(pipe, job, plan, prompt, negative_prompt)
+    timings = {"conditioning_and_text": time.perf_counter() - t0}
     ranks = RankGroups.build(job, parallel)
-    plan = dataclasses.replace(plan, cfg=cfg_mode, noise=_broadcast(plan.noise, group))
-
-    # The prompt and the image are encoded once, on rank 0, and sent to every rank.
-    text = pipe.encode_prompt(plan, prompt, negative_prompt) if lead else None
-    rows = len(plan.branches)
-    context_len = _max(text.context.shape[1] if lead else 0, group, device)
-    context = text.context if lead else torch.zeros(rows, context_len, dit_config.text_dim, device=device,
-                                                    dtype=pipe.dtype)
-    context = _broadcast(context, group)   # [rows, Lc, 4096]
-    y = None
-    if plan.conditioning.image is not None:
-        y_shape = (1, dit_config.in_dim - pipe.spec.z_dim, *plan.grid.shape)
-        y = _broadcast(pipe.encode_conditioning(plan) if lead else torch.zeros(y_shape, device=device), group)
-    pipe._sync()
-    timings["conditioning_and_text"] = time.perf_counter() - t0
-
-    sampled = pipe.sample(plan, context, y, callback=callback if lead else None,
-                          should_cancel=should_cancel, ranks=ranks)
+    try:
+        sampled = pipe.sample(plan, context, y, callback=callback if job.rank == 0 else None,
+                              should_cancel=should_cancel, ranks=ranks)
+    finally:
+        if not job.closed:   # a failure closed the job's group, sub-groups included
+            ranks.close()
     timings["denoise"] = sampled.seconds
-    rank_seconds = all_gather(torch.tensor([sampled.seconds], device=device, dtype=torch.float64), group).tolist()
-    if not lead:
+    seconds = torch.tensor([sampled.seconds], device=pipe.device, dtype=torch.float64)
+    rank_seconds = all_gather(seconds, job.group).tolist()
+    if job.rank != 0:
         return None
     result = pipe.result(plan, sampled, text, negative_prompt, timings, decode)
     result.parallel = {**parallel.summary(), "rank_denoise_seconds": rank_seconds}
     return result
+
+
+def _agreed_plan(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, **plan_args) -> RunPlan:
+    """The same plan on every rank, with rank 0's noise. The CFG mode is agreed: none when unguided, one branch
+    per forward with CFG parallelism, else one batch-2 forward only when every rank has the memory for it."""
+    plan = pipe.plan(**plan_args, cfg="sequential")
+    unguided = all(g == 1.0 for g in plan.steps.guide_scales)
+    cfg_mode = "none" if unguided else "sequential" if parallel.cfg == 2 else "batched"
+    if cfg_mode == "batched":
+        unbatched = not pipe.batch_cfg(math.ceil(plan.grid.tokens / parallel.ulysses))
+        cfg_mode = "sequential" if _max(int(unbatched), job.group, pipe.device) else "batched"
+    return dataclasses.replace(plan, cfg=cfg_mode, noise=_broadcast(plan.noise, job.group))
+
+
+def _shared_inputs(pipe: WanPipeline, job: JobGroup, plan: RunPlan, prompt: str,
+                   negative_prompt: str) -> tuple[PromptContext | None, torch.Tensor, torch.Tensor | None]:
+    """The prompt and the image, encoded once on rank 0 and sent to every rank: (rank 0's PromptContext, else
+    None; the context rows [rows, Lc, 4096]; I2V's y [1, C_y, f, h, w] or None)."""
+    lead, device = job.rank == 0, pipe.device
+    dit_config = next(iter(pipe.experts.values())).config
+    text = pipe.encode_prompt(plan, prompt, negative_prompt) if lead else None
+    context_len = _max(text.context.shape[1] if lead else 0, job.group, device)
+    context = _broadcast(text.context if lead else torch.zeros(len(plan.branches), context_len, dit_config.text_dim,
+                                                               device=device, dtype=pipe.dtype), job.group)
+    y = None
+    if plan.conditioning.image is not None:
+        y_shape = (1, dit_config.in_dim - pipe.spec.z_dim, *plan.grid.shape)
+        y = _broadcast(pipe.encode_conditioning(plan) if lead else torch.zeros(y_shape, device=device), job.group)
+    pipe._sync()
+    return text, context, y

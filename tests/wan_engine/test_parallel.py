@@ -5,6 +5,7 @@ saves what it made; the checks end with a rank that raises mid-run, which must f
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import time
 import traceback
@@ -56,6 +57,13 @@ class _RaiseAtStep(RunHook):
     def block_stack(self, call, tokens, run_blocks):
         if call.step == 1:
             raise ValueError("rank 1 ran out of luck")
+        return run_blocks(tokens)
+
+
+class _DieAtStep(RunHook):
+    def block_stack(self, call, tokens, run_blocks):
+        if call.step == 1:
+            os._exit(0)   # gone without a word, like a killed process (exit 0: the spawner waits for the others)
         return run_blocks(tokens)
 
 
@@ -118,7 +126,16 @@ def _rank_2x2(rank: int, port: int, out: str) -> None:
     if rank == 0:
         torch.save({"t2v_2x2": result}, Path(out) / "results.pt")
     (Path(out) / f"refused-{rank}.txt").write_text(refused)
-    job.close()
+    # last: rank 3 dies mid-run (no error of its own to report); the others must fail, not wait
+    if rank == 3:
+        pipe.hooks.register(_DieAtStep())
+    started = time.monotonic()
+    try:
+        run_rank(pipe, job, ParallelPlan(2, 2), **T2V, decode=False)
+        outcome = "no error"
+    except Exception as exc:
+        outcome = type(exc).__name__
+    (Path(out) / f"died-{rank}.txt").write_text(f"{time.monotonic() - started:.3f}\n{outcome}")
 
 
 def _rank_entry(rank: int, main, port: int, out: str) -> None:
@@ -225,3 +242,6 @@ def test_four_ranks_as_two_cfg_halves_of_two_ulysses_ranks_equal_the_one_process
                                                                "rank_denoise_seconds": None}
     refused = {(out / f"refused-{r}.txt").read_text() for r in range(4)}
     assert refused == {"Ulysses degree 4 does not divide the model's 2 heads"}   # on every rank, no hang
+    for r in range(3):   # the survivors fail well before the job's timeout
+        seconds, outcome = (out / f"died-{r}.txt").read_text().split("\n")
+        assert outcome in ("RankFailed", "DistBackendError", "RuntimeError") and float(seconds) < 10, (r, outcome)
