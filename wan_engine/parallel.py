@@ -226,11 +226,14 @@ def run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: s
              shift: float | None = None, guide_scale: float | tuple[float, float] | None = None,
              solver: str = "unipc", seed: int = 0, decode: bool = True,
              callback: Callable[[StepInfo], None] | None = None,
-             should_cancel: Callable[[], bool] | None = None) -> GenerationResult | None:
+             should_cancel: Callable[[], bool] | None = None,
+             warm_up: Callable[[RunPlan, RankGroups], object] | None = None) -> GenerationResult | None:
     """This rank's part of one generation (arguments as `WanPipeline.generate`, the same on every rank).
     Returns the result on rank 0 (with `parallel`: the plan and every rank's denoise seconds), None elsewhere.
     `callback` is called on rank 0; `should_cancel` is asked on every rank and any rank's yes stops them all
-    at the same step (GenerationCancelled). A failure on any rank fails every rank (see the module docstring)."""
+    at the same step (GenerationCancelled). `warm_up(plan, ranks)` runs on every rank before the first step
+    (the compile patch's `functools.partial(warm_up, pipe)`: compiled at the rank's own shapes; timed as
+    "warm_up"). A failure on any rank fails every rank (see the module docstring)."""
     # Argument errors, the same on every rank, are raised before the job's group is touched.
     if parallel.world != job.size:
         raise ValueError(f"the parallel plan needs {parallel.world} ranks, the job has {job.size}")
@@ -238,18 +241,22 @@ def run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: s
     parallel.check(next(iter(pipe.experts.values())).config.num_heads, "none" if unguided else "sequential")
     with job.reporting():
         return _run_rank(pipe, job, parallel, prompt, negative_prompt, decode=decode, callback=callback,
-                         should_cancel=should_cancel, image=image, size=size, frame_num=frame_num, steps=steps,
-                         shift=shift, guide_scale=guide_scale, solver=solver, seed=seed)
+                         should_cancel=should_cancel, warm_up=warm_up, image=image, size=size, frame_num=frame_num,
+                         steps=steps, shift=shift, guide_scale=guide_scale, solver=solver, seed=seed)
 
 
 def _run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: str, negative_prompt: str, *,
-              decode: bool, callback, should_cancel, **plan_args) -> GenerationResult | None:
+              decode: bool, callback, should_cancel, warm_up, **plan_args) -> GenerationResult | None:
     t0 = time.perf_counter()
     plan = _agreed_plan(pipe, job, parallel, **plan_args)
     text, context, y = _shared_inputs(pipe, job, plan, prompt, negative_prompt)
     timings = {"conditioning_and_text": time.perf_counter() - t0}
     ranks = RankGroups.build(job, parallel)
     try:
+        if warm_up is not None:
+            t0 = time.perf_counter()
+            warm_up(plan, ranks)
+            timings["warm_up"] = time.perf_counter() - t0
         sampled = pipe.sample(plan, context, y, callback=callback if job.rank == 0 else None,
                               should_cancel=should_cancel, ranks=ranks)
     finally:

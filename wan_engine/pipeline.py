@@ -268,11 +268,12 @@ class Denoiser:
 
     # ------------------------------------------------------------------ the loop
     def predict(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, ranks: RankGroups | None = None) -> torch.Tensor:
         """The guided velocity [1, 16, f, h, w] of `step` at `latents` [1, 16, f, h, w]: the step's expert on
         the plan's branches (context rows cond (, uncond); y [1, C_y, f, h, w] or None), combined with the
-        step's guide scale. Inside `running(plan)` when hooks are registered."""
-        return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y))
+        step's guide scale. Inside `running(plan)` when hooks are registered. With `ranks`, this rank's share
+        of the step of a parallel job (every rank of the job calls it)."""
+        return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y), ranks)
 
     def _run_inputs(self, plan: RunPlan, y: torch.Tensor | None) -> tuple:
         """What every step of a run reuses: y per row of a forward, and the timesteps on the device."""

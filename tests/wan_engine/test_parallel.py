@@ -5,6 +5,7 @@ saves what it made; the checks end with a rank that raises mid-run, which must f
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 import time
@@ -19,7 +20,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import wan_engine
-from patches.compile import CompileConfig, apply_compile
+from patches.compile import CompileConfig, apply_compile, warm_up
 from patches.teacache import TeaCacheConfig, apply_teacache
 from tests.conftest import ORACLE_DIR, rel_err
 from wan_engine import RunHook
@@ -83,7 +84,8 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     handle.remove()
     # compiled blocks (full graphs, the all-to-alls inside them), traced by AOTAutograd without generating kernels
     with apply_compile(pipes["t2v"], CompileConfig(backend="aot_eager")):
-        results["t2v_ulysses_compiled"] = run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V, decode=False)
+        results["t2v_ulysses_compiled"] = run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V, decode=False,
+                                                   warm_up=functools.partial(warm_up, pipes["t2v"]))
     # a cancel asked on rank 1 only stops both ranks at the same step; the group serves on
     asked = []
 
@@ -217,6 +219,7 @@ def test_a_step_cached_run_takes_the_same_skips_and_equals_the_one_process_loop(
 def test_compiled_blocks_split_over_two_ranks_equal_the_one_process_loop(results, pipes):
     expected = pipes["t2v"].generate(**T2V, decode=False)
     assert rel_err(results["t2v_ulysses_compiled"].latents, expected.latents) < 1e-5
+    assert results["t2v_ulysses_compiled"].timings["warm_up"] > 0   # compiled at the split shapes before step 1
 
 
 def test_a_cancel_on_one_rank_stops_both_at_the_same_step_and_the_group_serves_on(job):
