@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import socket
 import sys
 import tempfile
@@ -40,6 +41,8 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
+    else:   # ranks sharing the cores: idle threads spinning beside a collective slow every step down
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=TIMEOUT)
     job = init_job_group(rank, world, store, "nccl" if cuda else "gloo", TIMEOUT)
