@@ -25,6 +25,7 @@ from patches.teacache import TeaCacheConfig, apply_teacache
 from tests.conftest import ORACLE_DIR, rel_err
 from wan_engine import RunHook
 from wan_engine.parallel import ParallelPlan, RankFailed, init_job_group, run_rank
+from wan_engine.ulysses import Ulysses
 
 JOB_TIMEOUT = datetime.timedelta(seconds=20)   # every collective's bound in the spawned job
 SPAWN_LIMIT_S = 300
@@ -68,12 +69,23 @@ class _DieAtStep(RunHook):
         return run_blocks(tokens)
 
 
+@torch.no_grad()
+def _per_token_forwards(pipe, ulysses: Ulysses) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DiT forward with a timestep per token (TI2V's form), whole and split over the group."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 16, 3, 6, 6, generator=gen)   # 27 tokens: an uneven split
+    t = torch.randint(0, 1000, (1, 27), generator=gen)
+    context = torch.randn(1, 7, 4096, generator=gen)
+    dit = pipe.experts["low_noise"]
+    return dit(x, t, context), dit(x, t, context, ulysses=ulysses)
+
+
 def _rank_main(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=JOB_TIMEOUT)
     job = init_job_group(rank, 2, store, "gloo", JOB_TIMEOUT)
     pipes = {"t2v": _load("t2v"), "i2v": _load("i2v")}
-    results = {}
+    results = {"per_token_t": _per_token_forwards(pipes["t2v"], Ulysses.of(job.group))}
     for name, (task, args, parallel) in CHECKS.items():
         results[name] = run_rank(pipes[task], job, parallel, **_run_args(task, args), decode=name == "t2v_ulysses")
     # a step-cached run: TeaCache on both ranks, its schedule from the plan, so both skip the same calls
@@ -201,6 +213,11 @@ def test_two_ranks_equal_the_one_process_loop(results, pipes, name):
     assert got.prompt_tokens.keys() == expected.prompt_tokens.keys()
     if expected.frames is not None:   # decoded on rank 0 like the one-process run
         assert np.abs(got.frames.astype(int) - expected.frames.astype(int)).max() <= 1
+
+
+def test_a_forward_with_a_timestep_per_token_splits_its_modulation_with_its_tokens(results):
+    whole, split = results["per_token_t"]
+    assert rel_err(split, whole) < 1e-5
 
 
 def test_a_step_cached_run_takes_the_same_skips_and_equals_the_one_process_loop(results, pipes):
