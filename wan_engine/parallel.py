@@ -17,10 +17,13 @@ every rank, so every rank computes or skips the same calls and the collectives s
 the same latents; rank 0 decodes them (the VAE decode is a small part of a run, and one rank avoids a second
 exchange) and returns the result, the others None.
 
-Failure: every collective is bounded by the job group's timeout (`init_job_group`, 60 s by default). A rank
-that raises records its error in the job's store and closes its group, so the others' pending collectives fail
-at once (or at the timeout at worst); each of them then raises `RankFailed` naming the first failing rank and
-its error. Nothing waits forever.
+Failure: every collective is bounded by the job group's timeout (`init_job_group`, 45 s by default, so that a
+job with a dead rank has failed within a minute). A rank that raises records its error in the job's store and
+closes its group; each other rank's pending collective then fails (on gloo at once, the peer's sockets closed;
+on NCCL at the timeout) and it raises `RankFailed` naming the first failing rank and its error. A rank that
+dies without a word (killed) breaks its peers' collectives the same way. Nothing waits forever. On NCCL the
+watchdog's default on a timeout is to end the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=3); a long-lived worker
+that should outlive a failed job sets it to 2 (abort the job's communicators and raise) before its first group.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from .ulysses import Ulysses, all_gather
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=60)
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=45)
 ERROR_PREFIX = "wanflow-errors/"
 
 
@@ -252,6 +255,9 @@ def _run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: 
     text, context, y = _shared_inputs(pipe, job, plan, prompt, negative_prompt)
     timings = {"conditioning_and_text": time.perf_counter() - t0}
     ranks = RankGroups.build(job, parallel)
+    if job.rank == 0:
+        log.info("one job on %d ranks: %d CFG x %d Ulysses, %d tokens, CFG %s", parallel.world, parallel.cfg,
+                 parallel.ulysses, plan.grid.tokens, plan.cfg)
     try:
         if warm_up is not None:
             t0 = time.perf_counter()
