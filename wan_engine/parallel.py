@@ -14,8 +14,11 @@ and broadcasts them (the text encoder runs once, and every rank conditions on th
 device's kernels); rank 0's noise is broadcast too. Every rank then runs the pipeline's own loop on its share:
 step caches hook in as in a single-process run and take their skip schedule from the plan, which is the same on
 every rank, so every rank computes or skips the same calls and the collectives stay matched. Every rank ends with
-the same latents; rank 0 decodes them (the VAE decode is a small part of a run, and one rank avoids a second
-exchange) and returns the result, the others None.
+the same latents; rank 0 decodes them and returns the result, the others None. Decoding on one rank is what the
+measurements favour: the bf16 decode of 81 frames at 480p takes 1.23 s on an H200 (docs/benchmarks.md, issue 4)
+against about 225 s of denoising on one GPU (40 steps of two 2.81 s forwards), so even on 8 GPUs a split decode
+could save under 1 s of about 30; and the VAE's causal convolutions carry state from frame to frame, so a split
+over frames would need overlapping chunks to stay exact.
 
 Failure: every collective is bounded by the job group's timeout (`init_job_group`, 45 s by default, so that a
 job with a dead rank has failed within a minute). A rank that raises records its error in the job's store and
