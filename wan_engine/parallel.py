@@ -162,8 +162,11 @@ class JobGroup:
 def init_job_group(rank: int, world_size: int, store: dist.Store, backend: str | None = None,
                    timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> JobGroup:
     """Form the process group of one job (this process is `rank`) over `store`, which the job's ranks share
-    (a TCPStore, under a prefix of its own per job); `timeout` bounds every collective of the job. The backend
-    defaults to NCCL on CUDA and gloo on CPUs. Dissolve it with `JobGroup.close()`."""
+    (a TCPStore whose server rank 0 hosts, or a PrefixStore of its own per job over a longer-lived one: the
+    job's error records live there too); `timeout` bounds every collective of the job. The backend defaults to
+    NCCL on CUDA and gloo on CPUs. The group is the process's default one, so a process serves one job at a
+    time; with CUDA, set the rank's device (`torch.cuda.set_device`) first. Dissolve it with `JobGroup.close()`
+    (a long-lived worker can form the next job's group after)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     return JobGroup(dist.group.WORLD, store, rank, world_size, timeout)
