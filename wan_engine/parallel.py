@@ -22,9 +22,10 @@ over frames would need overlapping chunks to stay exact.
 
 Failure: every collective is bounded by the job group's timeout (`init_job_group`, 45 s by default, so that a
 job with a dead rank has failed within a minute). A rank that raises records its error in the job's store and
-closes its group; each other rank's pending collective then fails (on gloo at once, the peer's sockets closed;
-on NCCL at the timeout) and it raises `RankFailed` naming the first failing rank and its error. A rank that
-dies without a word (killed) breaks its peers' collectives the same way. Nothing waits forever. On NCCL the
+aborts its group; each other rank's pending collective then fails at the timeout at the latest (on gloo at once
+when the failing process exits and its connections close), and it raises `RankFailed` naming the first failing
+rank and its error. A rank that dies without a word (killed) breaks its peers' collectives the same way (on gloo
+at once). Nothing waits forever. On NCCL the
 watchdog's default on a timeout is to end the process (TORCH_NCCL_ASYNC_ERROR_HANDLING=3); a long-lived worker
 that should outlive a failed job sets it to 2 (abort the job's communicators and raise) before its first group.
 """
@@ -129,15 +130,18 @@ class JobGroup:
     timeout: datetime.timedelta
     closed: bool = False
 
-    def close(self) -> None:
-        """Dissolve the job's process group (idempotent): pending collectives of the other ranks fail."""
+    def close(self, abort: bool = False) -> None:
+        """Dissolve the job's process group (idempotent). `abort`: end this rank's pending work on it first (a
+        failed rank's NCCL kernels would otherwise wait on peers that never come)."""
         if not self.closed:
             self.closed = True
+            if abort:
+                self.group.abort()
             dist.destroy_process_group()
 
     @contextmanager
     def reporting(self) -> Iterator[None]:
-        """Errors inside: the first rank to fail records its error and closes the group (re-raising it); a rank
+        """Errors inside: the first rank to fail records its error and aborts the group (re-raising it); a rank
         that fails after (its collective broken by the first) raises `RankFailed` with the first one's error.
         A cancellation passes through: the ranks agreed on it and the group can serve on."""
         try:
@@ -152,7 +156,7 @@ class JobGroup:
             except Exception:   # the store went with a dead rank: this rank's own error is all there is
                 first = None
             finally:
-                self.close()
+                self.close(abort=True)
             if first is None:
                 raise
             first_rank, first_error = first.split("\t", 1)
