@@ -282,3 +282,14 @@ def test_four_ranks_as_two_cfg_halves_of_two_ulysses_ranks_equal_the_one_process
     for r in range(3):   # the survivors fail well before the job's timeout
         seconds, outcome = (out / f"died-{r}.txt").read_text().split("\n")
         assert outcome in ("RankFailed", "DistBackendError", "RuntimeError") and float(seconds) < 10, (r, outcome)
+
+
+def test_a_job_of_one_rank_in_this_process_equals_generate(pipes):
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True, timeout=JOB_TIMEOUT)
+    job = init_job_group(0, 1, store, "gloo", JOB_TIMEOUT)
+    try:
+        got = run_rank(pipes["t2v"], job, ParallelPlan(1, 1), **T2V, decode=False)
+    finally:
+        job.close()
+    assert rel_err(got.latents, pipes["t2v"].generate(**T2V, decode=False).latents) < 1e-6
+    assert got.parallel["world"] == 1 and got.settings["cfg"] == "batched"
