@@ -94,6 +94,9 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     results["t2v_teacache_ulysses"] = run_rank(pipes["t2v"], job, ParallelPlan(2, 1), **T2V | {"steps": 8},
                                                decode=False)
     results["teacache_calls"] = [(c.step, c.branches, c.computed) for c in handle.calls]
+    # and with one branch per rank: each rank follows its own branch's row of the (unbatched) schedule
+    results["t2v_teacache_cfg"] = run_rank(pipes["t2v"], job, ParallelPlan(1, 2), **T2V | {"steps": 8}, decode=False)
+    results[f"teacache_cfg_calls_{rank}"] = [(c.step, c.branches, c.computed) for c in handle.calls]
     handle.remove()
     # compiled blocks (full graphs, the all-to-alls inside them), traced by AOTAutograd without generating kernels
     with apply_compile(pipes["t2v"], CompileConfig(backend="aot_eager")):
@@ -112,6 +115,8 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     except wan_engine.GenerationCancelled as exc:
         outcome = str(exc)
     (Path(out) / f"cancel-{rank}.txt").write_text(outcome)
+    if rank == 1:
+        torch.save(results["teacache_cfg_calls_1"], Path(out) / "teacache_cfg_calls_1.pt")
     if rank == 0:
         torch.save(results, Path(out) / "results.pt")
     job.close()
@@ -293,3 +298,20 @@ def test_a_job_of_one_rank_in_this_process_equals_generate(pipes):
         job.close()
     assert rel_err(got.latents, pipes["t2v"].generate(**T2V, decode=False).latents) < 1e-6
     assert got.parallel["world"] == 1 and got.settings["cfg"] == "batched"
+
+
+def test_a_step_cached_run_with_one_branch_per_rank_equals_the_one_process_loop(job, results, pipes):
+    pipe = pipes["t2v"]
+    handle = apply_teacache(pipe, TEACACHE["config"], steps=TEACACHE["steps"])
+    pipe.cfg_batch = False   # the one-process run with cond and uncond as separate calls: the same schedule
+    try:
+        expected = pipe.generate(**T2V | {"steps": 8}, decode=False)
+        calls = [(c.step, c.branches, c.computed) for c in handle.calls]
+    finally:
+        pipe.cfg_batch = None
+        handle.remove()
+    rank_1 = torch.load(job / "teacache_cfg_calls_1.pt")
+    assert results["teacache_cfg_calls_0"] == [c for c in calls if c[1] == ("cond",)]
+    assert rank_1 == [c for c in calls if c[1] == ("uncond",)]
+    assert any(not computed for *_, computed in calls)
+    assert rel_err(results["t2v_teacache_cfg"].latents, expected.latents) < 1e-5
