@@ -180,10 +180,12 @@ def apply_compile(pipe, cfg: CompileConfig | None = None) -> CompileHandle:
 
 
 @torch.no_grad()
-def warm_up(pipe, plan) -> float:
+def warm_up(pipe, plan, ranks=None) -> float:
     """Run the engine's own step at the first step of each expert of `plan` (a `RunPlan`: its latent grid,
     CFG batching and experts), so compilation happens now, at the run's exact shapes. The inputs are
-    zeros (the compiled code depends on shapes, not values). Returns the seconds spent.
+    zeros (the compiled code depends on shapes, not values). Returns the seconds spent. With `ranks`
+    (`wan_engine.parallel.RankGroups`), this rank's share of a parallel job's step, at the shapes of its token
+    slice: every rank of the job warms up together (`run_rank(warm_up=...)`).
 
     Experts not on the device (memory plan: swapped) are skipped when another one is: compiled code
     is shared by shape, so one warmed expert covers both."""
@@ -198,7 +200,7 @@ def warm_up(pipe, plan) -> float:
     with pipe.running(plan):
         for i in steps:
             t0 = time.perf_counter()
-            pipe.predict(plan, i, plan.noise[None], context, y)
+            pipe.predict(plan, i, plan.noise[None], context, y, ranks)
             if pipe.device.type == "cuda":
                 torch.cuda.synchronize(pipe.device)
             log.info("warm-up step of %s at %dx%d, %d frames, CFG %s: %.1f s", plan.steps.experts[i],

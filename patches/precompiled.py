@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from wan_engine.ulysses import SequenceShard
+
 from . import torch_internals
 from .attention import SEAM
 
@@ -51,6 +53,8 @@ def _meta(value) -> object:
         return (tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad)
     if isinstance(value, (tuple, list)):
         return type(value), tuple(_meta(v) for v in value)
+    if isinstance(value, SequenceShard):   # by what the compiled block reads, not the group object's identity
+        return type(value), (value.group.group_name, value.rank, value.size, value.tokens)
     return type(value), value
 
 

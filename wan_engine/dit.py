@@ -4,8 +4,9 @@ Parameter names are those of the official ``WanModel`` so released checkpoints l
 ``load_state_dict(strict=True)`` and no remapping. The numerics follow the official code (timestep
 sinusoid in float64, float32 time embedding / modulation / residual stream, qk RMSNorm over the
 whole width, 3-axis RoPE) but the structure is ours: batched tensors, real cos/sin RoPE tables
-cached per grid, one modulation row per sample when all tokens share a timestep, and a
-``block_stack_hook`` seam for step-caching patches.
+cached per grid, one modulation row per sample when all tokens share a timestep, a
+``block_stack_hook`` seam for step-caching patches, and an ``ulysses`` option of the forward that splits the
+token sequence over a Ulysses group (`wan_engine.ulysses`; the block-stack hook then sees this rank's tokens).
 
 dtype policy: linear and conv layers run in their weight dtype (bf16 on GPU); norms, the time
 embedding, every modulation and the head run in float32; the residual stream stays float32.
@@ -29,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .ulysses import SequenceShard, Ulysses
 
 # Whether Triton is installed: a fact of the install, not a switch (the option is each model's `triton`).
 try:  # the CUDA fast path; the CPU path never needs Triton
@@ -193,9 +196,10 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, context: Tensor | None = None,
-                rope: tuple[Tensor, Tensor] | None = None, triton: bool = False) -> Tensor:
-        """`triton`: q/k RMSNorm + RoPE as one Triton kernel (the block decides, see `DiTBlock.triton`)."""
+    def forward(self, x: Tensor, context: Tensor | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                triton: bool = False, shard: SequenceShard | None = None) -> Tensor:
+        """`triton`: q/k RMSNorm + RoPE as one Triton kernel (the block decides, see `DiTBlock.triton`).
+        `shard`: x holds this rank's tokens of a sequence split over a Ulysses group (self-attention only)."""
         dtype = self.q.weight.dtype
         x = x.to(dtype)
         kv = x if context is None else context.to(dtype)
@@ -209,7 +213,7 @@ class Attention(nn.Module):
             if rope is not None:
                 q, k = apply_rope(q, *rope).to(dtype), apply_rope(k, *rope).to(dtype)
         v = self.v(kv).unflatten(-1, (n, -1)).transpose(1, 2)  # [B, N, Lk, D]
-        out = self.attention_fn(q, k, v)  # [B, N, L, D]
+        out = self.attention_fn(q, k, v) if shard is None else shard.attend(self.attention_fn, q, k, v)  # [B, N, L, D]
         return self.o(out.transpose(1, 2).flatten(2))  # [B, L, dim]
 
 
@@ -232,16 +236,18 @@ class DiTBlock(nn.Module):
                                  nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: Tensor, mod: Tensor, context: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, mod: Tensor, context: Tensor, rope: tuple[Tensor, Tensor],
+                shard: SequenceShard | None = None) -> Tensor:
         """x [B, L, dim] fp32; mod [B, Lt, 6, dim] fp32 with Lt 1 (shared timestep) or L (per token);
-        context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32."""
+        context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32.
+        With `shard`, L is this rank's slice of a sequence split over a Ulysses group."""
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (
             self.modulation.float() + mod).unbind(2)  # 6 x [B, Lt, dim]
         if self.triton and use_triton(x, self.ffn[0].weight):
             return self._forward_fused(x, (shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn),
-                                       context, rope)
+                                       context, rope, shard)
         dtype = self.ffn[0].weight.dtype
-        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope=rope)  # [B, L, dim]
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope=rope, shard=shard)  # [B, L, dim]
         # A new tensor: the caller's x (a step cache may keep it) is never written. The residual
         # adds take the branch output in its own dtype (one kernel, float32 arithmetic).
         x = torch.addcmul(x, y, gate_sa)  # [B, L, dim] fp32
@@ -250,12 +256,13 @@ class DiTBlock(nn.Module):
         return x.addcmul_(y, gate_ffn)
 
     def _forward_fused(self, x: Tensor, mod: tuple[Tensor, ...], context: Tensor,
-                       rope: tuple[Tensor, Tensor]) -> Tensor:
+                       rope: tuple[Tensor, Tensor], shard: SequenceShard | None) -> Tensor:
         """The same block with each residual add fused into the norm that follows it (Triton)."""
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = mod
         K, dtype = triton_kernels, self.ffn[0].weight.dtype
         h = K.layer_norm_modulate(x, self.norm1.eps, dtype, shift=shift_sa, scale=scale_sa)  # [B, L, dim]
-        x, h = K.add_layer_norm(x, self.self_attn(h, rope=rope, triton=True), gate_sa, self.norm3.eps, dtype,
+        y = self.self_attn(h, rope=rope, triton=True, shard=shard)  # [B, L, dim]
+        x, h = K.add_layer_norm(x, y, gate_sa, self.norm3.eps, dtype,
                                 self.norm3.weight, self.norm3.bias)  # a new x [B, L, dim] fp32; h [B, L, dim]
         x, h = K.add_layer_norm(x, self.cross_attn(h, context, triton=True), None, self.norm2.eps, dtype,
                                 shift=shift_ffn, scale=scale_ffn, inplace=True)
@@ -314,11 +321,13 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-                block_stack_hook: BlockStackHook | None = None) -> Tensor:
+                block_stack_hook: BlockStackHook | None = None, ulysses: Ulysses | None = None) -> Tensor:
         """x [B, C_x, F, H, W] latents; y optional [B, C_y, F, H, W] conditioning (I2V: mask + image
         latent), concatenated on channels; t [B] (one timestep per sample) or [B, L] (per token);
         context [B, Lc, text_dim], Lc <= text_len, rows past a prompt's end zero.
         block_stack_hook(tokens, run_blocks) replaces the call run_blocks(tokens) of the block stack.
+        `ulysses`: split the tokens over this Ulysses group (every rank passes the same inputs and gets the
+        whole prediction); the block stack and its hook then run on this rank's tokens.
         Returns the prediction [B, out_dim, F, H, W] float32."""
         cfg = self.config
         if y is not None:
@@ -343,14 +352,21 @@ class WanDiT(nn.Module):
         context = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))  # [B, text_len, dim]
 
         rope = self.rope(grid, x.device)
+        shard = None if ulysses is None else ulysses.shard(x.shape[1])
+        if shard is not None:   # this rank's tokens, with their own positions' RoPE rows and modulation
+            x, rope = shard.scatter(x), (shard.scatter(rope[0], 0), shard.scatter(rope[1], 0))  # [B, Ls, dim]
+            if e.shape[1] > 1:
+                e, mod = shard.scatter(e), shard.scatter(mod)
 
         def run_blocks(tokens: Tensor) -> Tensor:
             for block in self.blocks:
-                tokens = block(tokens, mod, context, rope)
+                tokens = block(tokens, mod, context, rope, shard)
             return tokens
 
         x = block_stack_hook(x, run_blocks) if block_stack_hook is not None else run_blocks(x)
-        x = self.head(x, e)  # [B, L, p*q*r*out_dim] fp32
+        x = self.head(x, e)  # [B, L, p*q*r*out_dim] fp32 (L: this rank's tokens when split)
+        if shard is not None:
+            x = shard.gather(x)  # [B, L, p*q*r*out_dim]
         return self.unpatchify(x, grid)
 
     def unpatchify(self, x: Tensor, grid: tuple[int, int, int]) -> Tensor:

@@ -16,6 +16,10 @@ Seams for performance patches (they act only through these):
 - `repeated_blocks()`: the modules worth compiling;
 - `sample(callback=...)`: per-step `StepInfo` with timings (progress);
 - `sample(should_cancel=...)`: checked between steps (cancellation).
+
+`sample(ranks=...)` runs one rank's share of a parallel job (`wan_engine.parallel`): the same loop, with the
+DiT's tokens split over the rank's Ulysses group and, with CFG parallelism, one branch per rank and the two
+predictions exchanged each step.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +44,9 @@ from .samplers import Schedule, solver_for
 from .t5 import UMT5Encoder, encode_prompts
 from .text import PromptTokenizer, TokenCount
 from .vae import WanVAE21
+
+if TYPE_CHECKING:   # parallel.py builds on this module; the loop only uses the groups it is handed
+    from .parallel import RankGroups
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ class GenerationResult:
     experts_per_step: list[str] = field(default_factory=list)
     # "prompt" and "negative_prompt": their tokens, and whether the text encoder's limit cut them
     prompt_tokens: dict[str, TokenCount] = field(default_factory=dict)
+    # a parallel job's plan (world, ulysses, cfg) and every rank's denoise seconds; empty for one process
+    parallel: dict = field(default_factory=dict)
 
 
 def video_to_frames(video: torch.Tensor) -> np.ndarray:
@@ -258,11 +268,12 @@ class Denoiser:
 
     # ------------------------------------------------------------------ the loop
     def predict(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, ranks: RankGroups | None = None) -> torch.Tensor:
         """The guided velocity [1, 16, f, h, w] of `step` at `latents` [1, 16, f, h, w]: the step's expert on
         the plan's branches (context rows cond (, uncond); y [1, C_y, f, h, w] or None), combined with the
-        step's guide scale. Inside `running(plan)` when hooks are registered."""
-        return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y))
+        step's guide scale. Inside `running(plan)` when hooks are registered. With `ranks`, this rank's share
+        of the step of a parallel job (every rank of the job calls it)."""
+        return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y), ranks)
 
     def _run_inputs(self, plan: RunPlan, y: torch.Tensor | None) -> tuple:
         """What every step of a run reuses: y per row of a forward, and the timesteps on the device."""
@@ -272,21 +283,30 @@ class Denoiser:
         return rows_y, torch.tensor(plan.steps.timesteps, device=self.device)   # [steps] int64
 
     def _velocity(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
-                  rows_y: torch.Tensor | None, timesteps: torch.Tensor) -> torch.Tensor:
+                  rows_y: torch.Tensor | None, timesteps: torch.Tensor,
+                  ranks: RankGroups | None = None) -> torch.Tensor:
         s = plan.steps
         name, t = s.experts[step], s.timesteps[step]
         dit = self._activate(name)
-        if plan.cfg == "batched":
+        ulysses = None if ranks is None else ranks.ulysses
+        if ranks is not None and ranks.cfg_group is not None:
+            # CFG parallel: this rank's branch only, then the pair swaps predictions
+            branch = ranks.branch
+            hook = self.hooks.bind(BlockCall(step, t, name, (plan.branches[branch],)))
+            pred = dit(latents, timesteps[step:step + 1], context[branch:branch + 1], y=rows_y,
+                       block_stack_hook=hook, ulysses=ulysses)   # [1, 16, f, h, w]
+            cond, uncond = ranks.exchange_branches(pred)
+        elif plan.cfg == "batched":
             # rows (cond, uncond), in the order of `context`
             hook = self.hooks.bind(BlockCall(step, t, name, ("cond", "uncond")))
             cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), timesteps[step:step + 1].expand(2), context,
-                               y=rows_y, block_stack_hook=hook).chunk(2)   # 2 x [1, 16, f, h, w]
+                               y=rows_y, block_stack_hook=hook, ulysses=ulysses).chunk(2)   # 2 x [1, 16, f, h, w]
         else:
             preds = {}
             for row, branch in enumerate(plan.branches):
                 hook = self.hooks.bind(BlockCall(step, t, name, (branch,)))
                 preds[branch] = dit(latents, timesteps[step:step + 1], context[row:row + 1], y=rows_y,
-                                    block_stack_hook=hook)
+                                    block_stack_hook=hook, ulysses=ulysses)
             if plan.cfg == "none":
                 return preds["cond"]
             cond, uncond = preds["cond"], preds["uncond"]
@@ -295,9 +315,14 @@ class Denoiser:
     @torch.no_grad()
     def sample(self, plan: RunPlan, context: torch.Tensor, y: torch.Tensor | None = None,
                callback: Callable[[StepInfo], None] | None = None,
-               should_cancel: Callable[[], bool] | None = None) -> Sampled:
-        """Run every step of `plan` from its noise (context and y as for `predict`)."""
+               should_cancel: Callable[[], bool] | None = None, ranks: RankGroups | None = None) -> Sampled:
+        """Run every step of `plan` from its noise (context and y as for `predict`). With `ranks`, this rank's
+        share of a parallel job: every rank of the job calls it with the same plan and inputs, asks its own
+        `should_cancel` and stops when any rank's says so."""
         s = plan.steps
+        if ranks is not None and ranks.cfg_group is not None and plan.cfg != "sequential":
+            raise ValueError(f"CFG parallelism runs one branch per forward: the plan's cfg must be 'sequential', "
+                             f"not {plan.cfg!r}")
         solver = solver_for(s.solver, Schedule(torch.tensor(s.sigmas, dtype=torch.float32),
                                                 torch.tensor(s.timesteps, dtype=torch.int64)))
         latents = plan.noise[None]                                          # [1, 16, f, h, w]
@@ -306,10 +331,13 @@ class Denoiser:
         started = time.perf_counter()
         with self.running(plan):
             for i in range(s.steps):
-                if should_cancel is not None and should_cancel():
+                cancel = should_cancel is not None and should_cancel()
+                if ranks is not None:   # every rank must stop at the same step, or the others wait on it
+                    cancel = ranks.any(cancel, self.device)
+                if cancel:
                     raise GenerationCancelled(f"cancelled before step {i + 1}/{s.steps}")
                 t_step = time.perf_counter()
-                latents = solver.step(self._velocity(plan, i, latents, context, *inputs), latents)
+                latents = solver.step(self._velocity(plan, i, latents, context, *inputs, ranks), latents)
                 if callback is not None:
                     self._sync()   # progress reports completed work: one sync per step, after it is queued
                     step_seconds.append(time.perf_counter() - t_step)
@@ -388,11 +416,16 @@ class WanPipeline(Denoiser):
 
         sampled = self.sample(plan, text.context, y, callback=callback, should_cancel=should_cancel)
         timings["denoise"] = sampled.seconds
+        return self.result(plan, sampled, text, negative_prompt, timings, decode)
+
+    def result(self, plan: RunPlan, sampled: Sampled, text: PromptContext, negative_prompt: str,
+               timings: dict[str, float], decode: bool) -> GenerationResult:
+        """The result of a sampled run, its latents decoded to frames when `decode`."""
         s = plan.steps
         result = GenerationResult(
-            latents=sampled.latents[0].float().cpu(), frames=None, seed=seed,
-            settings=dict(task=self.spec.name, size=list(plan.size), frame_num=frame_num, steps=s.steps,
-                          shift=s.shift, guide_scale=list(s.guide_scale), solver=solver, seed=seed,
+            latents=sampled.latents[0].float().cpu(), frames=None, seed=plan.seed,
+            settings=dict(task=self.spec.name, size=list(plan.size), frame_num=plan.frame_num, steps=s.steps,
+                          shift=s.shift, guide_scale=list(s.guide_scale), solver=s.solver, seed=plan.seed,
                           negative_prompt=negative_prompt or DEFAULT_NEGATIVE_PROMPT,
                           cfg_batch=plan.cfg == "batched", cfg=plan.cfg),
             timings=timings, step_seconds=sampled.step_seconds, experts_per_step=sampled.experts_per_step,
