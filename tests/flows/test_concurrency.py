@@ -62,7 +62,8 @@ def test_eight_runs_never_share_a_gpu(local_server, tmp_path):
                WAN_GPU_TAG_PREFIX="gpu", OMP_NUM_THREADS="1")  # one core per run: two runs share two cores
     jobs = []
     for k in range(JOBS):
-        request = {"task": "tiny", "prompt": f"job {k}", "frame_count": 5, "steps": 2, "strategy": "concurrent",
+        # 8 steps: a GPU phase long enough (a second or two) that two of them overlap whatever the start-up jitter
+        request = {"task": "tiny", "prompt": f"job {k}", "frame_count": 5, "steps": 8, "strategy": "concurrent",
                    "seed": k}
         log = tmp_path / f"job-{k}.log"
         with open(log, "w") as out:
