@@ -37,7 +37,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.states import Cancelled, Cancelling, Crashed, State
 
 from tasks.allocate import reap_dead_leases
-from tasks.processes import die_with_parent
+from tasks.processes import PPID, STATE, die_with_parent, processes, stat_fields
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +52,23 @@ ENGINE = "engine-"  # + the GPU's tag
 def flow_run_processes(parent: int) -> dict[UUID, int]:
     """The flow-run processes `parent` started, read from /proc: flow run id -> pid."""
     runs = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid, fields in processes():
+        if int(fields[PPID]) != parent or fields[STATE] == "Z":
+            continue
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (command)": state, ppid, ...
-            if int(fields[1]) != parent or fields[0] == "Z":
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, IndexError):
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
             continue  # it ended meanwhile
         for entry in environ:
             if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
-                runs[UUID(entry.split(b"=", 1)[1].decode())] = int(stat.parent.name)
+                runs[UUID(entry.split(b"=", 1)[1].decode())] = pid
     return runs
 
 
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie does not: it only waits for its parent to collect it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    fields = stat_fields(pid)
+    return fields is not None and fields[STATE] != "Z"
 
 
 def signal_process(pid: int, sig: signal.Signals) -> None:

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deployments.processes import free_port, stop_process_group  # noqa: E402
+from tasks.processes import PPID, processes  # noqa: E402
 
 WANFLOW = [sys.executable, "-m", "flows.cli"]
 TAG = "gpu-0"
@@ -140,12 +141,8 @@ def _flow_pid(drill: Drill, run_id) -> int:
 def _descendants(pid: int) -> list[int]:
     """Every process under `pid` (children of children too), from /proc."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
+    for child, fields in processes():
+        children.setdefault(int(fields[PPID]), []).append(child)
     found, todo = [], [pid]
     while todo:
         kids = children.get(todo.pop(), [])

@@ -29,7 +29,7 @@ from pathlib import Path
 from tasks.allocate import apply_gpu_environment
 from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, receive, send, socket_path
 from tasks.gpu_phase import run_decode, run_denoise, run_denoise_rank, run_warm_up
-from tasks.leases import lock_dir
+from tasks.leases import holder_dir
 from tasks.lockfiles import dead_record
 from tasks.pipelines import EngineCache
 from tasks.processes import die_with_parent
@@ -150,7 +150,7 @@ class EngineWorker:
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
                     "held": self.engines.held(), "busy": self.busy.locked()}
         if self.owner is None:
-            check_lease(job, self.tag, caller, lock_dir() / "leases")
+            check_lease(job, self.tag, caller, holder_dir())
         elif caller != self.owner:
             raise EngineRefused(f"refused: this rank process serves pid {self.owner} only, not {caller}")
         if job.kind != "denoise_rank" and job.run.device != self.device:

@@ -24,6 +24,7 @@ from patches.compile import warm_up
 from patches.power import PowerMeter, PowerReading
 from tasks.pipelines import EngineCache, out_of_memory_as_advice
 from tasks.runs import RunDescription
+from wan_engine.parallel import choose_parallel_plan, init_job_group, run_rank
 from wan_engine.pipeline import StepInfo
 
 JOB_TIMEOUT = datetime.timedelta(seconds=60)  # every collective of a multi-GPU job: a dead rank fails it in this
@@ -164,9 +165,6 @@ def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, ran
     """Rank `rank` of a run computed on `world_size` devices, this one on `device`: it joins the job's process
     group over the caller's TCPStore at `store` (host, port), runs wan_engine.parallel.run_rank and dissolves the
     group. Rank 0 returns what was denoised, the others None."""
-    # Imported here: the engine's multi-GPU half (issue 12) comes with its own branch; one-GPU runs never need it.
-    from wan_engine.parallel import choose_parallel_plan, init_job_group, run_rank
-
     run = dataclasses.replace(run, allocation=run.allocation.model_copy(update={"device": device}))
     with out_of_memory_as_advice(run, engines):
         started = time.perf_counter()

@@ -48,6 +48,11 @@ def lock_dir() -> Path:
     return get_current_settings().home / "wanflow-gpu-locks"
 
 
+def holder_dir() -> Path:
+    """Where the holder file of every lease this host's runs hold lives: `<holder_dir>/<lease id>.json`."""
+    return lock_dir() / "leases"
+
+
 def try_acquire(client: SyncPrefectClient, tags: list[str], lease_seconds: float,
                 holder: ConcurrencyLeaseHolder | None = None) -> UUID | None:
     """Take one slot of every tag at once, or nothing (None) when any of them is taken."""
@@ -113,7 +118,7 @@ def take_lease(client: SyncPrefectClient, tags: list[str], lease_seconds: float,
     lease_id = try_acquire(client, tags, lease_seconds, holder)
     if lease_id is None:
         return None
-    path = lock_dir() / "leases" / f"{lease_id}.json"
+    path = holder_dir() / f"{lease_id}.json"
     try:
         fd = write_locked(path, {"lease_id": str(lease_id), "tags": tags, "api_url": str(client.api_url),
                                  "flow_run_id": str(holder.id) if holder else None, "pid": os.getpid(),
@@ -139,7 +144,7 @@ def reap_dead_leases(client: SyncPrefectClient, directory: Path | None = None) -
     Files of leases on another server are left to that server's reapers; files of leases the server
     had already let go are removed without a release.
     """
-    directory = directory or lock_dir() / "leases"
+    directory = directory or holder_dir()
     reaped = []
     for path in sorted(directory.glob("*.json")):
         with dead_record(path) as record:

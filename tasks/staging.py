@@ -18,6 +18,8 @@ import socket
 import uuid
 from pathlib import Path
 
+from tasks.processes import START_TIME, stat_fields
+
 STAGING = ".staging"
 UNKNOWN_START = "0"  # where /proc is missing: the sweep trusts the pid alone
 
@@ -36,11 +38,8 @@ def host_id() -> str:
 
 def process_start(pid: int) -> str | None:
     """When process `pid` started, in clock ticks after boot (Linux /proc); None where it cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name before ")" may hold spaces
+    fields = stat_fields(pid)
+    return fields[START_TIME] if fields is not None else None
 
 
 def new_staging_folder(outputs_dir: Path) -> Path:

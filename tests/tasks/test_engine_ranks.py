@@ -3,7 +3,6 @@ for the job only, or, with no resident workers, the run's own two rank processes
 equal one process's within 1e-5 (fp32)."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,11 +21,8 @@ from tasks.gpu_phase import run_denoise
 from tasks.gpus import GpuInfo
 from tasks.lockfiles import write_locked
 from tasks.pipelines import EngineCache
+from tasks.processes import PPID, processes
 from tests.tasks.runs import tiny_run
-
-pytestmark = pytest.mark.xfail(importlib.util.find_spec("wan_engine.parallel") is None, strict=True,
-                               reason="wan_engine.parallel.run_rank, the engine's half of issue 12, is not on this "
-                                      "branch yet")
 
 
 def gpu(index: int) -> GpuInfo:
@@ -84,10 +80,10 @@ def test_without_resident_workers_a_run_on_two_gpus_starts_its_own_two_rank_proc
 def child_commands() -> list[str]:
     """The command lines of this process's children, from /proc."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except (OSError, ValueError, IndexError):
-            continue
+    for pid, fields in processes():
+        if int(fields[PPID]) == os.getpid():
+            try:
+                found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue  # it ended meanwhile
     return found

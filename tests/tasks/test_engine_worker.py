@@ -53,7 +53,7 @@ def test_only_the_live_holder_of_the_gpus_lease_may_call_its_worker(tmp_path):
 def worker(tmp_path, monkeypatch):
     """An engine worker for gpu-0 on the CPU, serving from a thread of this process; leases in tmp_path."""
     monkeypatch.setattr(engine_channel, "engine_dir", lambda: tmp_path / "engines")
-    monkeypatch.setattr("tasks.engine_worker.lock_dir", lambda: tmp_path)
+    monkeypatch.setattr("tasks.engine_worker.holder_dir", lambda: tmp_path / "leases")
     engine_channel.engine_dir().mkdir()
     listener = Listener(str(engine_channel.socket_path("gpu-0")), family="AF_UNIX", authkey=engine_channel.authkey())
     served = EngineWorker("gpu-0", "cpu", EngineCache())
@@ -92,7 +92,7 @@ def test_a_job_stops_between_steps_when_its_caller_cancels(worker, tmp_path):
 def test_a_job_that_does_not_stop_after_its_cancel_ends_the_worker_process(tmp_path, monkeypatch):
     """A step longer than the cancel grace (a big model) must not keep a cancelled run's GPU busy."""
     monkeypatch.setattr(engine_channel, "engine_dir", lambda: tmp_path / "engines")
-    monkeypatch.setattr("tasks.engine_worker.lock_dir", lambda: tmp_path)
+    monkeypatch.setattr("tasks.engine_worker.holder_dir", lambda: tmp_path / "leases")
     monkeypatch.setattr("tasks.engine_worker.CANCEL_GRACE_S", 0.5)
     engine_channel.engine_dir().mkdir()
 
