@@ -48,7 +48,6 @@ from pydantic import ValidationError
 from flows.generate import generate_video
 from flows.inputs import InputError, confine
 from flows.request import GenerationRequest, describe_error
-from tasks.gpu_queue import ENGINE_MAX_GPUS
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.markdown import literal, literal_cells
 from tasks.pipelines import process_engines
@@ -210,15 +209,16 @@ def entry_key(request: GenerationRequest) -> str:
 def lane_count(request: GenerationRequest, profile: GpuProfile) -> int:
     """How many generations of a group run side by side under the request's strategy.
 
-    concurrent: one per `gpus_per_job` GPUs; auto: one per the most GPUs a job computes on
-    (ENGINE_MAX_GPUS); max_speed takes every selected GPU for one run, so one at a time; without
-    a GPU, one. Lanes never share a device (simulated GPUs all run on the CPU), so no two
+    concurrent: one per `gpus_per_job` GPUs; auto: one per the most GPUs a job can compute on
+    (each run takes the largest free set it can use); max_speed takes every selected GPU for one
+    run, so one at a time; without a GPU, one. Lanes never share a device (simulated GPUs all run on the CPU), so no two
     generations use one loaded pipeline at once.
     """
     devices = {g.device for g in profile.gpus if request.gpu_ids is None or g.index in request.gpu_ids}
     if request.strategy == "max_speed" or not devices:
         return 1
-    per_job = (request.gpus_per_job or 1) if request.strategy == "concurrent" else ENGINE_MAX_GPUS
+    per_job = ((request.gpus_per_job or 1) if request.strategy == "concurrent"
+               else max(request.job_world_sizes(profile), default=1))
     return max(1, len(devices) // per_job)
 
 

@@ -30,7 +30,7 @@ def generate_video(request: GenerationRequest) -> Published | State:
     settings = get_settings()
     profile = detect_gpus(settings.gpu_inventory)
     allocation = allocate_gpus(profile, request.strategy, settings.gpu_tag_base, gpu_ids=request.gpu_ids,
-                               gpus_per_job=request.gpus_per_job, checkpoint=request.checkpoint,
+                               gpus_per_job=request.gpus_per_job, world_sizes=request.job_world_sizes(profile),
                                poll_seconds=settings.gpu_poll_seconds, lease_seconds=settings.gpu_lease_seconds)
     if isinstance(allocation, State):  # the run was cancelled before it had its GPUs
         return Cancelled(message=allocation.message)

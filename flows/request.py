@@ -22,8 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from flows.inputs import InputError, check_image, confine, validate_checkpoint
-from tasks.allocate import Allocation
-from tasks.gpu_queue import ENGINE_MAX_GPUS
+from tasks.allocate import Allocation, job_world_sizes
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.runs import RunDescription
 from tasks.settings import Strategy, Tier, get_settings
@@ -151,8 +150,8 @@ class GenerationRequest(BaseModel):
         self.steps = self.steps or spec.steps
         self.shift = self.shift or spec.shift
         self._check_image(spec, settings.input_roots)
-        self._check_gpus(profile)
         self._resolve_checkpoint(settings.checkpoint_root, settings.checkpoint_roots)
+        self._check_gpus(profile)  # after the checkpoint: its heads decide how many GPUs one job can use
         return self
 
     def _check_size(self, spec: ModelSpec) -> None:
@@ -217,10 +216,17 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"gpus_per_job: {self.gpus_per_job} is more than the {selected} selected GPU(s)")
         # A run never holds a GPU it does not compute on: refused now rather than after waiting for the GPUs.
         needed = selected if self.strategy == "max_speed" else (self.gpus_per_job or 1)
-        if known and self.strategy != "auto" and needed > ENGINE_MAX_GPUS:
-            fix = ("select one GPU with gpu_ids" if self.strategy == "max_speed" else "use gpus_per_job=1")
-            raise ValueError(f"strategy: {self.strategy} would hold {needed} GPUs, but the engine computes one job "
-                             f"on at most {ENGINE_MAX_GPUS} GPU today; use strategy auto or concurrent, or {fix}")
+        usable = self.job_world_sizes(profile)
+        if known and self.strategy != "auto" and needed not in usable:
+            field = "gpu_ids" if self.strategy == "max_speed" else "gpus_per_job"
+            raise ValueError(f"{field}: {self.strategy} would hold {needed} GPUs, but one {self.spec.name} job "
+                             f"computes on {', '.join(map(str, usable))} GPU(s) here (Ulysses divides the model's "
+                             f"attention heads, CFG takes two halves); choose one of those counts")
+
+    def job_world_sizes(self, profile: GpuProfile) -> list[int]:
+        """The GPU counts one job of this request can compute on, up to the GPUs it may use: what `auto` takes the
+        largest free of, and what max_speed and concurrent must ask for."""
+        return job_world_sizes(self.spec, self.checkpoint, self.guide_scale, len(profile.select(self.gpu_ids).gpus))
 
     def _resolve_checkpoint(self, root: Path | None, roots: list[Path]) -> None:
         if self.task in TINY_PRESETS:

@@ -38,7 +38,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Running, State
 from pydantic import BaseModel
 
-from tasks.gpu_queue import ENGINE_MAX_GPUS, GpuQueue, Strategy, Turn, ordinal, turn
+from tasks.gpu_queue import GpuQueue, Strategy, Turn, ordinal, turn
 from tasks.gpus import GpuInfo, GpuProfile
 from tasks.leases import (
     GpuLeaseLost,
@@ -52,6 +52,10 @@ from tasks.leases import (
     take_lease,
 )
 from tasks.runlog import run_logger
+from wan_engine.configs import TINY_PRESETS, ModelSpec
+from wan_engine.parallel import usable_world_sizes
+from wan_engine.plan import plan_steps
+from wan_engine.tiny import TINY_DIT
 
 WAIT_LOG_SECONDS = 30.0  # how often a waiting run repeats that it is waiting
 RENEW_FRACTION = 1 / 3  # renew once this share of the lease has passed: two renewals may fail before it ends
@@ -77,11 +81,24 @@ class Allocation(BaseModel):
 
 
 def num_heads(checkpoint: str) -> int | None:
-    """Attention heads of a checkpoint folder's DiT (None for presets and unreadable folders)."""
+    """Attention heads of a checkpoint folder's DiT, or of a preset's (None for unreadable folders)."""
+    if checkpoint in TINY_PRESETS:
+        return TINY_DIT["num_heads"]
     for config in (Path(checkpoint) / "high_noise_model" / "config.json", Path(checkpoint) / "config.json"):
         if config.is_file():
             return json.loads(config.read_text()).get("num_heads")
     return None
+
+
+def job_world_sizes(spec: ModelSpec, checkpoint: str | None, guide_scale: float | None, max_world: int) -> list[int]:
+    """The GPU counts up to `max_world` that one job of `checkpoint` can compute on, by the engine's parallel plan:
+    Ulysses divides the DiT's heads, a guided run puts its two CFG branches on two halves. [1] when the heads
+    cannot be read (a run never holds a GPU it does not compute on)."""
+    heads = num_heads(checkpoint) if checkpoint else None
+    if heads is None:
+        return [1]
+    guided = any(g != 1.0 for g in plan_steps(spec, guide_scale=guide_scale).guide_scales)
+    return usable_world_sizes(max_world, heads, "sequential" if guided else "none")
 
 
 def gpu_environment(gpus: list[GpuInfo], profile: GpuProfile) -> dict[str, str]:
@@ -126,14 +143,15 @@ class AllocationCancelled(Exception):
 
 
 def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strategy, tag_base: str,
-                 gpu_ids: list[int] | None = None, gpus_per_job: int | None = None, heads: int | None = None,
-                 poll_seconds: float = 2.0, lease_seconds: float = 60.0,
+                 gpu_ids: list[int] | None = None, gpus_per_job: int | None = None,
+                 world_sizes: list[int] | None = None, poll_seconds: float = 2.0, lease_seconds: float = 60.0,
                  holder: ConcurrencyLeaseHolder | None = None,
                  on_wait: Callable[[str], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None, max_gpus: int | None = None) -> Allocation:
+                 cancelled: Callable[[], bool] | None = None) -> Allocation:
     """Wait for this run's turn at the strategy's GPUs, take them and return the allocation.
 
-    `max_gpus` caps what `auto` takes: the most GPUs the run computes on.
+    `world_sizes`: the GPU counts the run's job can compute on (`job_world_sizes`), of which `auto` takes the
+    largest free; None: any.
 
     `on_wait(message)` is called when the run starts waiting, when its place in line changes and
     every WAIT_LOG_SECONDS; `cancelled()` is asked at every poll and raises AllocationCancelled when true.
@@ -150,8 +168,7 @@ def acquire_gpus(client: SyncPrefectClient, profile: GpuProfile, strategy: Strat
     ensure_limits(client, tags)
     embedded, started, said, said_at = embedded_server(), time.monotonic(), None, 0.0
     queue = GpuQueue(lock_dir() / "queue")
-    with queue.waiting(strategy, tags, gpus_per_job, heads, str(holder.id) if holder else None,
-                       max_gpus) as ticket:
+    with queue.waiting(strategy, tags, gpus_per_job, world_sizes, str(holder.id) if holder else None) as ticket:
         while True:
             if cancelled is not None and cancelled():
                 raise AllocationCancelled(f"cancelled while waiting for {_describe(tag_base, candidates)}")
@@ -333,7 +350,7 @@ def _set_flow_run_message(flow_run_id: UUID | None, message: str) -> bool:
 
 @task(name="allocate-gpus", retries=0, cache_policy=NO_CACHE)
 def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_ids: list[int] | None = None,
-                  gpus_per_job: int | None = None, checkpoint: str | None = None, poll_seconds: float = 2.0,
+                  gpus_per_job: int | None = None, world_sizes: list[int] | None = None, poll_seconds: float = 2.0,
                   lease_seconds: float = 60.0) -> Allocation | State:
     """Take this run's GPUs by `strategy`, waiting for its turn; none on a host without GPUs.
 
@@ -346,7 +363,6 @@ def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_id
     flow_run = FlowRunContext.get()
     flow_run_id = flow_run.flow_run.id if flow_run else None
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id) if flow_run_id else None
-    heads = num_heads(checkpoint) if checkpoint else None
     said: list[str] = []
 
     def say_waiting(message: str) -> None:
@@ -357,9 +373,8 @@ def allocate_gpus(profile: GpuProfile, strategy: Strategy, tag_base: str, gpu_id
     with get_client(sync_client=True) as client:
         cancelled = (lambda: _cancelling(client, flow_run_id)) if flow_run_id else None
         try:
-            allocation = acquire_gpus(client, profile, strategy, tag_base, gpu_ids, gpus_per_job, heads,
-                                      poll_seconds, lease_seconds, holder, on_wait=say_waiting, cancelled=cancelled,
-                                      max_gpus=ENGINE_MAX_GPUS)
+            allocation = acquire_gpus(client, profile, strategy, tag_base, gpu_ids, gpus_per_job, world_sizes,
+                                      poll_seconds, lease_seconds, holder, on_wait=say_waiting, cancelled=cancelled)
         except AllocationCancelled as exc:
             logger.info("%s: no GPU taken", exc)
             return Cancelled(message=f"{exc}: no GPU taken")

@@ -148,7 +148,8 @@ class EngineWorker:
     def run(self, job: Job, conn: Connection, caller: int, cancelled: Callable[[], bool]):
         if job.kind == "status":
             return {"tag": self.tag, "device": self.device, "pid": os.getpid(), "loads": self.engines.loads,
-                    "held": self.engines.held(), "busy": self.busy.locked()}
+                    "held": self.engines.held(), "busy": self.busy.locked(),
+                    "environment": {k: os.environ.get(k) for k in ENGINE_ENVIRONMENT}}
         if self.owner is None:
             check_lease(job, self.tag, caller, holder_dir())
         elif caller != self.owner:
@@ -191,6 +192,13 @@ def _picklable(exc: Exception) -> Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+# Set in every engine process before its first NCCL group. NVLink multicast stays off on every topology, as in
+# the runs' own processes (tasks/allocate.py gpu_environment). On a collective that times out NCCL's watchdog
+# would end the whole process (its default, 3); 2 aborts the job's communicators and raises instead, so a
+# long-lived worker fails that job (wan_engine.parallel's JobGroup.reporting) and serves the next one.
+ENGINE_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tag", required=True, help="the GPU's concurrency tag, e.g. gpu-0")
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.getppid() != args.owner:  # it died before the line above took effect
             return 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    apply_gpu_environment({})  # before CUDA starts
+    apply_gpu_environment(ENGINE_ENVIRONMENT)  # before CUDA starts
     path = socket_path(args.tag, args.dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)  # left by a worker that died

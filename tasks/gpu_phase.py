@@ -24,7 +24,7 @@ from patches.compile import warm_up
 from patches.power import PowerMeter, PowerReading
 from tasks.pipelines import EngineCache, out_of_memory_as_advice
 from tasks.runs import RunDescription
-from wan_engine.parallel import choose_parallel_plan, init_job_group, run_rank
+from wan_engine.parallel import default_parallel_plan, init_job_group, run_rank
 from wan_engine.pipeline import StepInfo
 
 JOB_TIMEOUT = datetime.timedelta(seconds=60)  # every collective of a multi-GPU job: a dead rank fails it in this
@@ -170,10 +170,8 @@ def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, ran
         started = time.perf_counter()
         pipe, handle = engines.tiered(run)
         load_s = time.perf_counter() - started
-        plan = pipe.plan(image=run.image, size=tuple(run.size), frame_num=run.frame_count, steps=run.steps,
-                         shift=run.shift, guide_scale=run.guide_scale, solver=run.solver, seed=run.seed)
-        heads = next(iter(pipe.experts.values())).config.num_heads
-        parallel = choose_parallel_plan(world_size, heads, plan.cfg)
+        parallel = default_parallel_plan(pipe, world_size, steps=run.steps, shift=run.shift, solver=run.solver,
+                                         guide_scale=run.guide_scale)
         client = dist.TCPStore(store[0], store[1], world_size, is_master=False, timeout=JOB_TIMEOUT)
         job = init_job_group(rank, world_size, client, timeout=JOB_TIMEOUT)
         try:

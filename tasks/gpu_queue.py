@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,25 +30,19 @@ from tasks.settings import Strategy
 
 G = TypeVar("G", bound=Hashable)  # a GPU: its index or its tag
 
-# The most GPUs one job computes on. A run never holds a GPU it does not compute on, so until the generate flow
-# runs a job's ranks on several GPUs (wan_engine's multi-GPU `run_rank`, issue 12), `auto` takes one GPU and
-# requests that need more are refused before they wait (flows/request.py).
-ENGINE_MAX_GPUS = 1
-
 
 def choose_gpus(strategy: Strategy, candidates: list[G], free: list[G], gpus_per_job: int | None = None,
-                heads: int | None = None, max_gpus: int | None = None) -> list[G]:
-    """The GPUs to take now from `free` (a subset of `candidates`), or [] to keep waiting. `max_gpus` caps what
-    `auto` takes (the most the job can compute on)."""
+                world_sizes: list[int] | None = None) -> list[G]:
+    """The GPUs to take now from `free` (a subset of `candidates`), or [] to keep waiting. `world_sizes`: the GPU
+    counts one job can compute on (the engine's parallel plan; None: any), of which `auto` takes the largest
+    that is free (a run never holds a GPU it does not compute on)."""
     if strategy == "max_speed":
         return list(candidates) if set(candidates) <= set(free) else []
     if strategy == "concurrent":
         wanted = gpus_per_job or 1
         return free[:wanted] if len(free) >= wanted else []
-    usable = min(len(free), max_gpus or len(free))
-    while heads and usable > 1 and heads % usable:
-        usable -= 1  # Ulysses splits the attention heads evenly over the GPUs
-    return free[:usable]
+    usable = [w for w in (world_sizes or range(1, len(free) + 1)) if w <= len(free)]
+    return free[:max(usable)] if usable else []
 
 
 @dataclass(frozen=True)
@@ -60,11 +54,10 @@ class Ticket:
     strategy: Strategy
     candidates: list[str]  # the GPU tags it may take, in preference order
     gpus_per_job: int | None
-    heads: int | None
     flow_run_id: str | None
     pid: int
     host: str
-    max_gpus: int | None = None
+    world_sizes: list[int] | None = None  # the GPU counts its job can compute on (auto takes the largest free)
 
     @property
     def file_name(self) -> str:
@@ -73,7 +66,10 @@ class Ticket:
     def pick(self, free: Collection[str]) -> list[str]:
         """What this run would take from the `free` tags."""
         return choose_gpus(self.strategy, self.candidates, [t for t in self.candidates if t in free],
-                           self.gpus_per_job, self.heads, self.max_gpus)
+                           self.gpus_per_job, self.world_sizes)
+
+
+_TICKET_FIELDS = {f.name for f in fields(Ticket)}
 
 
 @dataclass(frozen=True)
@@ -112,12 +108,11 @@ class GpuQueue:
 
     @contextmanager
     def waiting(self, strategy: Strategy, candidates: list[str], gpus_per_job: int | None = None,
-                heads: int | None = None, flow_run_id: str | None = None,
-                max_gpus: int | None = None) -> Iterator[Ticket]:
+                world_sizes: list[int] | None = None, flow_run_id: str | None = None) -> Iterator[Ticket]:
         """Stand in the queue for the duration of the block."""
         ticket = Ticket(arrival_ns=time.time_ns(), id=uuid.uuid4().hex, strategy=strategy, candidates=candidates,
-                        gpus_per_job=gpus_per_job, heads=heads, flow_run_id=flow_run_id, pid=os.getpid(),
-                        host=socket.gethostname(), max_gpus=max_gpus)
+                        gpus_per_job=gpus_per_job, world_sizes=world_sizes, flow_run_id=flow_run_id,
+                        pid=os.getpid(), host=socket.gethostname())
         path = self.directory / ticket.file_name
         fd = write_locked(path, asdict(ticket))
         try:
@@ -134,7 +129,9 @@ class GpuQueue:
                     path.unlink()
                     continue
             try:
-                live.append(Ticket(**json.loads(path.read_text())))
+                record = json.loads(path.read_text())
+                # only the fields this version knows: a ticket written by an older wanflow still takes its turn
+                live.append(Ticket(**{k: v for k, v in record.items() if k in _TICKET_FIELDS}))
             except FileNotFoundError:
                 continue  # its run left the queue meanwhile
         return live

@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .parallel import DEFAULT_TIMEOUT, ParallelPlan, RankFailed, choose_parallel_plan, init_job_group, run_rank
+from .parallel import DEFAULT_TIMEOUT, ParallelPlan, RankFailed, default_parallel_plan, init_job_group, run_rank
 from .pipeline import GenerationCancelled, GenerationResult, StepInfo, WanPipeline
-from .plan import plan_steps
 
 CANCEL_GRACE_S = 10.0   # after a cancel, how long the ranks get to stop at a step boundary before they are killed
 
@@ -110,13 +109,6 @@ def _outcome(out: Path, world: int) -> GenerationResult:
     return torch.load(out / "result.pt", weights_only=False)
 
 
-def _default_plan(pipe: WanPipeline, world: int, run_args: dict) -> ParallelPlan:
-    steps = plan_steps(pipe.spec, run_args.get("steps"), run_args.get("shift"), run_args.get("solver", "unipc"),
-                       run_args.get("guide_scale"))
-    cfg_mode = "none" if all(g == 1.0 for g in steps.guide_scales) else "sequential"
-    return choose_parallel_plan(world, next(iter(pipe.experts.values())).config.num_heads, cfg_mode)
-
-
 def _rank_process(rank: int, devices: list[torch.device], port: int, load, parallel: ParallelPlan | None,
                   run_args: dict, timeout: datetime.timedelta, cancel, progress, out: str) -> None:
     """One rank: its pipeline on its device, its part of the job, what it made or why it stopped under `out`."""
@@ -130,7 +122,8 @@ def _rank_process(rank: int, devices: list[torch.device], port: int, load, paral
     try:
         with job.reporting():   # a rank that cannot load fails the others with its error, like one that raises later
             pipe = load(device)
-            parallel = parallel or _default_plan(pipe, len(devices), run_args)
+            parallel = parallel or default_parallel_plan(pipe, len(devices), **{
+                k: run_args[k] for k in ("steps", "shift", "solver", "guide_scale") if k in run_args})
         result = run_rank(pipe, job, parallel, **run_args, callback=progress.put if rank == 0 else None,
                           should_cancel=cancel.is_set)
         if rank == 0:

@@ -100,6 +100,23 @@ def choose_parallel_plan(world_size: int, num_heads: int, cfg_mode: str) -> Para
     return plan
 
 
+def default_parallel_plan(pipe: WanPipeline, world_size: int, *, steps: int | None = None,
+                          shift: float | None = None, solver: str = "unipc",
+                          guide_scale: float | tuple[float, float] | None = None) -> ParallelPlan:
+    """`choose_parallel_plan` for `pipe`'s model and a run with these settings (read without planning the run)."""
+    return choose_parallel_plan(world_size, _heads(pipe), _cfg_mode(pipe, steps, shift, solver, guide_scale))
+
+
+def _heads(pipe: WanPipeline) -> int:
+    return next(iter(pipe.experts.values())).config.num_heads
+
+
+def _cfg_mode(pipe: WanPipeline, steps, shift, solver, guide_scale) -> str:
+    """"none" for a run that is unguided at every step, else "sequential" (what the parallel plan needs to know)."""
+    unguided = all(g == 1.0 for g in plan_steps(pipe.spec, steps, shift, solver, guide_scale).guide_scales)
+    return "none" if unguided else "sequential"
+
+
 def usable_world_sizes(max_world: int, num_heads: int, cfg_mode: str) -> list[int]:
     """The rank counts up to `max_world` that `choose_parallel_plan` accepts (for taking the largest free set)."""
     usable = []
@@ -250,8 +267,7 @@ def run_rank(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, prompt: s
     # Argument errors, the same on every rank, are raised before the job's group is touched.
     if parallel.world != job.size:
         raise ValueError(f"the parallel plan needs {parallel.world} ranks, the job has {job.size}")
-    unguided = all(g == 1.0 for g in plan_steps(pipe.spec, steps, shift, solver, guide_scale).guide_scales)
-    parallel.check(next(iter(pipe.experts.values())).config.num_heads, "none" if unguided else "sequential")
+    parallel.check(_heads(pipe), _cfg_mode(pipe, steps, shift, solver, guide_scale))
     with job.reporting():
         return _run_rank(pipe, job, parallel, prompt, negative_prompt, decode=decode, callback=callback,
                          should_cancel=should_cancel, warm_up=warm_up, image=image, size=size, frame_num=frame_num,

@@ -15,6 +15,7 @@ import shutil
 import string
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,15 +71,20 @@ def randomise_(module: nn.Module, seed: int) -> nn.Module:
 
 
 @torch.no_grad()
+def random_weights(model: nn.Module, device: torch.device | str, dtype: torch.dtype,
+                   seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random weights of a sane scale for every tensor of `model` (built on meta), drawn on `device` one tensor
+    at a time: for benchmarks and checkpoints at the real size, which must never exist twice in memory."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.state_dict().items():
+        yield name, _scaled(name, torch.randn(p.shape, generator=gen, device=device)).to(dtype)
+
+
 def random_dit(cfg: DiTConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> WanDiT:
-    """A DiT of `cfg` with random weights drawn on `device` (built on meta and filled one tensor at a
-    time, so a real-size expert never exists twice): for benchmarks at the real size."""
+    """A DiT of `cfg` with random weights drawn on `device` (built on meta and filled one tensor at a time)."""
     with torch.device("meta"):
         model = WanDiT(cfg)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    weights = {name: _scaled(name, torch.randn(p.shape, generator=gen, device=device)).to(dtype)
-               for name, p in model.state_dict().items()}
-    model.load_state_dict(weights, strict=True, assign=True)
+    model.load_state_dict(dict(random_weights(model, device, dtype, seed)), strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 

@@ -102,6 +102,8 @@ def test_a_resident_worker_serves_runs_in_a_row_with_one_model_load(service, wor
         answer = status(service.home)
         calls.append(time.perf_counter() - started)
     assert answer["loads"] == 1 and answer["pid"] == engines[0]["pid"]
+    # NCCL set up for a process that outlives a failed job (a timeout aborts the job, not the worker), NVLS off
+    assert answer["environment"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
     print(f"\nflow-run start to first denoising step: cold {starts[0]:.2f} s, warm {starts[1]:.2f} s, "
           f"{starts[2]:.2f} s; channel round trip (connect, authenticate, call): "
           f"median {sorted(calls)[10] * 1e3:.2f} ms")

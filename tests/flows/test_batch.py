@@ -104,7 +104,8 @@ def test_lanes_follow_the_strategy():
 
     assert lanes(strategy="concurrent") == 4
     assert lanes(strategy="concurrent", gpu_ids=[1, 2, 3]) == 3
-    assert lanes(strategy="auto") == 4  # one GPU per job while the engine computes a job on one GPU
+    assert lanes(strategy="auto") == 1  # each run takes the largest set it computes on: all 4 for the tiny DiT
+    assert lanes(strategy="auto", guide_scale=1) == 2  # unguided: Ulysses only, over at most its 2 heads
     assert lanes(strategy="max_speed", gpu_ids=[2]) == 1
     assert lanes(NO_GPU, strategy="concurrent") == 1
     assert lanes(read_gpu_profile([SimulatedGpu()] * 4), strategy="concurrent") == 1  # all on the CPU

@@ -122,13 +122,28 @@ def test_gpu_selection_is_checked_against_the_host(wan_env):
 
 
 def test_a_strategy_that_would_hold_gpus_the_job_cannot_compute_on_is_refused(wan_env):
-    """A run never holds a GPU it does not compute on, and learns so before it waits for any."""
-    refused = _error(H100S, task="tiny", strategy="max_speed")
-    assert "strategy: max_speed would hold 2 GPUs, but the engine computes one job on at most 1 GPU" in refused
-    assert "would hold 2 GPUs" in _error(H100S, task="tiny", strategy="concurrent", gpus_per_job=2)
-    assert GenerationRequest.for_hardware(H100S, task="tiny", strategy="max_speed", gpu_ids=[1]).gpu_ids == [1]
-    assert GenerationRequest.for_hardware(H100S, task="tiny", strategy="auto").strategy == "auto"
+    """A run never holds a GPU it does not compute on, and learns so before it waits for any: one job splits over
+    GPU counts whose Ulysses degree divides the model's heads (the tiny DiT has 2), with the two CFG branches on
+    two halves when the run is guided."""
+    four = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 4)
+    assert GenerationRequest.for_hardware(four, task="tiny").job_world_sizes(four) == [1, 2, 4]
+    assert GenerationRequest.for_hardware(four, task="tiny", guide_scale=1).job_world_sizes(four) == [1, 2]
+    refused = _error(four, task="tiny", strategy="max_speed", gpu_ids=[0, 1, 2])
+    assert "gpu_ids: max_speed would hold 3 GPUs, but one tiny job computes on 1, 2 GPU(s) here" in refused
+    assert "choose one of those counts" in refused
+    assert "gpus_per_job: concurrent would hold 4 GPUs, but one tiny job computes on 1, 2 GPU(s)" in _error(
+        four, task="tiny", strategy="concurrent", gpus_per_job=4, guide_scale=1)
+    assert GenerationRequest.for_hardware(four, task="tiny", strategy="max_speed").strategy == "max_speed"
+    assert GenerationRequest.for_hardware(H100S, task="tiny", strategy="concurrent", gpus_per_job=2).gpus_per_job == 2
     assert GenerationRequest.for_hardware(NO_GPU, task="tiny", strategy="max_speed").strategy == "max_speed"
+
+
+def test_a_checkpoint_s_heads_decide_how_many_gpus_one_job_uses(wan_env, tmp_path):
+    """The A14B layout's config.json gives the heads: the tiny fixture's 2, whatever its task name says."""
+    four = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 4)
+    request = GenerationRequest.for_hardware(four, task="t2v-A14B", checkpoint=str(_release_folder(tmp_path)),
+                                             size="832*480", duration_s=5)
+    assert request.job_world_sizes(four) == [1, 2, 4]
 
 
 def test_a_prompt_of_only_whitespace_is_rejected(wan_env):

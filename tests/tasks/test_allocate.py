@@ -51,9 +51,9 @@ def test_choose_gpus_by_strategy():
     assert choose_gpus("max_speed", [0, 1], [0, 1]) == [0, 1]
     assert choose_gpus("max_speed", [0, 1], [1]) == []
     assert choose_gpus("auto", [0, 1, 2, 3], [0, 2, 3]) == [0, 2, 3]
-    assert choose_gpus("auto", [0, 1, 2, 3], [0, 2, 3], heads=40) == [0, 2]  # 3 does not divide 40 heads
+    assert choose_gpus("auto", [0, 1, 2, 3], [0, 2, 3], world_sizes=[1, 2, 4]) == [0, 2]  # no job on 3
     assert choose_gpus("auto", [0, 1], []) == []
-    assert choose_gpus("auto", [0, 1, 2, 3], [1, 2, 3], max_gpus=1) == [1]  # no more than the job computes on
+    assert choose_gpus("auto", [0, 1, 2, 3], [1, 2, 3], world_sizes=[1]) == [1]  # no more than the job computes on
 
 
 def test_gpu_environment_never_enables_nvlink_multicast():

@@ -10,7 +10,7 @@ GPUS = ["gpu-0", "gpu-1", "gpu-2", "gpu-3"]
 
 def _ticket(n: int, strategy: str, candidates=GPUS, gpus_per_job=None) -> Ticket:
     return Ticket(arrival_ns=n, id=f"t{n}", strategy=strategy, candidates=list(candidates),
-                  gpus_per_job=gpus_per_job, heads=None, flow_run_id=None, pid=0, host="h")
+                  gpus_per_job=gpus_per_job, flow_run_id=None, pid=0, host="h")
 
 
 def test_an_older_run_that_cannot_be_served_reserves_the_free_gpus_it_waits_for():
