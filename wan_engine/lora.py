@@ -213,6 +213,22 @@ def lora_from_state_dict(tensors: Mapping[str, Tensor], path: Path, sha256: str 
     return LoraFile(path, sha256, layout, deltas)
 
 
+def scan_lora(path: str | Path) -> int:
+    """Check a LoRA file from its header alone (readable, only key kinds we read, complete down/up pairs), reading
+    no tensor: what a request is checked with before any GPU work. Returns the number of modules it changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraError(f"LoRA file {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise LoraError(f"LoRA file {path}: only .safetensors files are read")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"unreadable LoRA file {path}: {exc}") from exc
+    return len(lora_from_state_dict(dict.fromkeys(keys, torch.zeros(())), path).deltas)
+
+
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA .safetensors file (every tensor, on the CPU) into our module names."""
     path = Path(path)
