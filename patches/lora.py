@@ -6,8 +6,9 @@ file changes no weight. Several LoRAs stack: their deltas add up.
 
 - merged (default): W <- W + sum of strength * delta, computed in float32 and rounded once to the weight
   dtype, written with `copy_` into the same Parameters: a compiled block sees the same tensors and does
-  not recompile. The exact original tensors are kept (on the weight's device, or `keep_on`), so `remove()`
-  writes them back bit for bit; subtracting the delta in bf16 would not give them back.
+  not recompile. The exact original tensors are kept (on the weight's device, or `keep_on`: pinned host memory
+  when an A14B pair leaves no room for a second copy), so `remove()` writes them back bit for bit; subtracting
+  the delta in bf16 would not give them back.
 - unmerged: the low-rank term is added beside each base matmul by a forward hook, x @ W.T + s * (x @ down.T)
   @ up.T, nothing in the weights changes; switching LoRAs only swaps the small tensors. Parameters that are
   not a matmul's (modulation, norms, biases of a `diff_b` alone) are merged as above. Blocks whose FFN input
@@ -36,7 +37,7 @@ _EXPERTS = {"high": (HIGH_NOISE,), "low": (LOW_NOISE,), "both": (HIGH_NOISE, LOW
 class LoraConfig:
     loras: tuple[LoraChoice, ...] = ()
     merge: bool = True
-    keep_on: str | None = None      # where merged weights' originals wait (None: the weight's device)
+    keep_on: str | None = None      # where merged weights' originals wait (None: the weight's device; "cpu": pinned)
 
 
 class LoraHandle(PatchStack):
@@ -93,12 +94,27 @@ def _weight_and_bias(dit: nn.Module, module: str) -> tuple[nn.Parameter, nn.Para
     return mod.weight, getattr(mod, "bias", None), mod
 
 
+def _original_copy(param: nn.Parameter, keep_on: str | None) -> Tensor:
+    """An exact copy of a weight, on `keep_on` (pinned host memory when it is the CPU and the weight is on a GPU,
+    so that restoring it is one fast transfer)."""
+    if keep_on is None or torch.device(keep_on) == param.device:
+        return param.detach().clone()
+    pin = torch.device(keep_on).type == "cpu" and param.is_cuda
+    return torch.empty(param.shape, dtype=param.dtype, device=keep_on, pin_memory=pin).copy_(param.detach())
+
+
 @torch.no_grad()
-def _merge(param: nn.Parameter, delta: Tensor, keep_on: str | None, handle: PatchStack) -> None:
-    """W <- round(W + delta) in place; the exact original is kept for the undo."""
-    original = param.detach().to(keep_on or param.device, copy=True)
+def _merge(param: nn.Parameter, delta: Tensor, cfg: LoraConfig, handle: PatchStack, store: dict | None,
+           key: str) -> None:
+    """W <- round(W + delta) in place; the exact original is kept for the undo (in `store` when given, where a
+    resident pipeline keeps its base weights across LoRA switches: no copy out again)."""
+    original = None if store is None else store.get(key)
+    if original is None:
+        original = _original_copy(param, cfg.keep_on)
+        if store is not None:
+            store[key] = original
     param.copy_((param.float() + delta).to(param.dtype))
-    handle.undo_on_remove(lambda: param.detach().copy_(original))
+    handle.undo_on_remove(lambda: param.detach().copy_(original, non_blocking=original.is_pinned()))
 
 
 class _LoraTerm:
@@ -128,8 +144,11 @@ class _LoraTerm:
         return out + extra.to(out.dtype)
 
 
-def apply_loras(pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None) -> LoraHandle:
-    """Apply `cfg.loras` to `pipe`'s experts (see the module docstring); `files`: LoRAs already read, by path."""
+def apply_loras(pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None,
+                store: dict[str, Tensor] | None = None) -> LoraHandle:
+    """Apply `cfg.loras` to `pipe`'s experts (see the module docstring); `files`: LoRAs already read, by path;
+    `store`: where the merged weights' originals are kept across applications (a resident pipeline's), which
+    assumes nothing but this patch changes those weights."""
     read = read_and_check(pipe, cfg.loras, files)
     handle = LoraHandle(cfg, read)
     try:
@@ -145,10 +164,11 @@ def apply_loras(pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None)
                 continue
             w_delta = _sum(d.weight_delta(weight.shape, weight.device, s) for d, s in entries)
             b_delta = _sum(d.bias_delta(weight.device, s) for d, s in entries)
+            name = module if mod is None else f"{module}.weight"
             if w_delta is not None:
-                _merge(weight, w_delta, cfg.keep_on, handle)
+                _merge(weight, w_delta, cfg, handle, store, f"{expert}.{name}")
             if b_delta is not None:
-                _merge(bias, b_delta, cfg.keep_on, handle)
+                _merge(bias, b_delta, cfg, handle, store, f"{expert}.{module}.bias")
     except Exception:
         handle.remove()
         raise

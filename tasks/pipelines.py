@@ -9,7 +9,8 @@ removes the applied one, which the patch contract makes exact, and applies the n
 never hold two copies of the weights, and compiled blocks are re-wrapped without re-tracing
 (torch.compile's cache is per code object and backend). A reused pipeline starts each run clean:
 its step cache is prepared for the run's settings and drops every cached residual at the run's
-first step.
+first step. It also carries exactly the run's LoRAs (patches/lora.py): a run with other LoRAs removes the
+applied ones bit-exactly and merges the new ones in place, with no reload of the base weights.
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class EngineCache:
         self._pipelines: OrderedDict[tuple[str, str, torch.dtype], object] = OrderedDict()  # least recent first
         self._tiers: dict[tuple[str, str, torch.dtype], _AppliedTier] = {}
         self._loras: dict[tuple[str, str, torch.dtype], LoraHandle] = {}
+        self._lora_bases: dict[tuple[str, str, torch.dtype], dict] = {}   # base weights under merged LoRAs
         self.loads = 0
         self.lora_switches = 0
 
@@ -151,8 +153,11 @@ class EngineCache:
             del self._loras[key]
             applied.remove()
         if loras:
-            self._loras[key] = apply_loras(pipe, LoraConfig(loras), {c.path: f for c, f in zip(loras, files,
-                                                                                              strict=True)})
+            # On a GPU the base weights wait in pinned host memory: an A14B pair has no room for a second copy.
+            keep_on = "cpu" if key[1].startswith("cuda") else None
+            self._loras[key] = apply_loras(pipe, LoraConfig(loras, keep_on=keep_on),
+                                           {c.path: f for c, f in zip(loras, files, strict=True)},
+                                           self._lora_bases.setdefault(key, {}))
         self.lora_switches += 1
         run_logger().info("LoRAs on %s: %s (switched in %.2f s)", key[0],
                           ", ".join(f"{Path(c.path).name} x{c.strength:g} ({c.expert})" for c in loras) or "none",
@@ -170,6 +175,7 @@ class EngineCache:
 
     def _drop(self, key: tuple[str, str, torch.dtype]) -> None:
         self._loras.pop(key, None)   # the weights go with the pipeline: nothing to put back
+        self._lora_bases.pop(key, None)
         applied = self._tiers.pop(key, None)
         if applied is not None:
             try:  # puts process-wide settings back (TF32, ...); must not hide why the pipeline goes
