@@ -8,7 +8,6 @@ import hashlib
 import os
 import uuid
 
-import pytest
 import torch
 
 from tasks.allocate import Allocation
