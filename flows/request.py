@@ -26,12 +26,13 @@ from tasks.allocate import Allocation, job_world_sizes
 from tasks.gpus import GpuProfile, read_gpu_profile
 from tasks.runs import RunDescription
 from tasks.settings import Strategy, Tier, get_settings
-from wan_engine.configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
+from wan_engine.configs import DISTILLED, MODEL_SPECS, TINY_PRESETS, ModelSpec
+from wan_engine.lora import MAX_STRENGTH, LoraChoice, LoraError, scan_lora
 from wan_engine.sizes import Size
 
 TaskName = Literal[tuple(MODEL_SPECS)]  # type: ignore[valid-type]
 SizeName = Literal[tuple(dict.fromkeys(s for spec in MODEL_SPECS.values() for s in spec.size_names()))]  # type: ignore[valid-type]
-Solver = Literal["unipc", "dpm++", "euler"]
+Solver = Literal["unipc", "dpm++", "euler", "lightning"]
 StepCache = Literal["teacache", "magcache"]
 
 DEFAULT_DURATION_RANGE = (2.0, 10.0)
@@ -68,6 +69,27 @@ def _default_task(profile: GpuProfile) -> str:
     return "tiny"
 
 
+class LoraRequest(BaseModel):
+    """One LoRA of a request: a file by name in WAN_LORA_DIR or by path inside WAN_INPUT_ROOTS."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(min_length=1, description="A .safetensors file name in WAN_LORA_DIR, or a path inside "
+                                                "WAN_INPUT_ROOTS.")
+    strength: float = Field(1.0, ge=0, le=MAX_STRENGTH, description="How much of the LoRA (0-2).")
+    expert: Literal["both", "high", "low"] = Field("both", description="The A14B expert(s) it applies to.")
+
+
+def resolve_lora(file: str, lora_dir: Path | None, roots: list[Path]) -> Path:
+    """A LoRA's file: a bare name in WAN_LORA_DIR (".safetensors" may be left out), else a path confined to the
+    input roots (and WAN_LORA_DIR)."""
+    if lora_dir is not None and Path(file).name == file:
+        named = Path(lora_dir) / (file if file.endswith(".safetensors") else f"{file}.safetensors")
+        if named.is_file():
+            return confine(named, [Path(lora_dir)], "WAN_LORA_DIR")
+    return confine(file, [*roots, *([Path(lora_dir)] if lora_dir else [])], "WAN_INPUT_ROOTS or WAN_LORA_DIR")
+
+
 class GenerationRequest(BaseModel):
     """What to generate, how, and on which GPUs."""
 
@@ -90,6 +112,9 @@ class GenerationRequest(BaseModel):
     )
     solver: Solver = "unipc"
     seed: int | None = Field(None, ge=0, lt=2**63, description="Unset: a random seed, recorded with the video.")
+    distilled: bool = Field(False, description="4-step distilled sampling (Wan2.2-Lightning: 4 steps, shift 5, "
+                                               "guide scale 1, their Euler schedule); use it with a 4-step LoRA.")
+    loras: list[LoraRequest] = Field(default_factory=list, description="LoRA adapters, stacked in order.")
     tier: Tier | None = Field(None, description="Performance tier: quality (as official), balanced (+ compile, "
                                                 "bf16 VAE decode), speed (+ step caching).")
     teacache_threshold: float = Field(0.25, ge=0.05, le=0.5, description="TeaCache threshold for the speed tier.")
@@ -134,7 +159,8 @@ class GenerationRequest(BaseModel):
             negative_prompt=self.negative_prompt, image=self.image, size=self.video_size,
             frame_count=self.frame_count, fps=self.spec.fps, steps=self.steps, shift=self.shift,
             guide_scale=self.guide_scale, solver=self.solver, seed=seed, tier=self.tier,
-            teacache_threshold=self.teacache_threshold, step_cache=self.step_cache, allocation=allocation)
+            teacache_threshold=self.teacache_threshold, step_cache=self.step_cache, allocation=allocation,
+            loras=self.lora_choices(), distilled=self.distilled)
 
     @model_validator(mode="after")
     def _complete_and_check(self, info: ValidationInfo) -> GenerationRequest:
@@ -147,9 +173,11 @@ class GenerationRequest(BaseModel):
         spec = self.spec
         self._check_size(spec)
         self._resolve_frames(spec, profile)
+        self._apply_distilled()
         self.steps = self.steps or spec.steps
         self.shift = self.shift or spec.shift
         self._check_image(spec, settings.input_roots)
+        self._check_loras(spec, settings.lora_dir, settings.input_roots)
         self._resolve_checkpoint(settings.checkpoint_root, settings.checkpoint_roots)
         self._check_gpus(profile)  # after the checkpoint: its heads decide how many GPUs one job can use
         return self
@@ -184,6 +212,36 @@ class GenerationRequest(BaseModel):
         self.frame_count = frames
         if self.duration_s is None:
             self.duration_s = (frames - 1) / spec.fps
+
+    def _apply_distilled(self) -> None:
+        """Distilled mode fills the Lightning settings in; a value given that contradicts them is refused."""
+        if not self.distilled:
+            return
+        wanted = DISTILLED.sampling()
+        given = dict(steps=self.steps, shift=self.shift, guide_scale=self.guide_scale)
+        clash = [f"{k}={v}" for k, v in given.items() if v is not None and v != wanted[k]]
+        if self.solver not in ("unipc", "lightning"):   # unipc: the field's default
+            clash.append(f"solver={self.solver!r}")
+        if clash:
+            raise ValueError(f"distilled: the distilled mode runs {wanted['steps']} steps, shift {wanted['shift']:g}, "
+                             f"guide scale {wanted['guide_scale']:g} and solver lightning; leave {', '.join(clash)} "
+                             f"unset or turn distilled off")
+        self.steps, self.shift, self.guide_scale = wanted["steps"], wanted["shift"], wanted["guide_scale"]
+        self.solver = wanted["solver"]
+
+    def _check_loras(self, spec: ModelSpec, lora_dir: Path | None, roots: list[Path]) -> None:
+        for i, lora in enumerate(self.loras):
+            if lora.expert != "both" and not spec.is_moe:
+                raise ValueError(f"loras[{i}].expert: {spec.name} has one DiT; use 'both'")
+            try:
+                path = resolve_lora(lora.file, lora_dir, roots)
+                scan_lora(path)
+            except (InputError, LoraError) as exc:
+                raise ValueError(f"loras[{i}].file: {exc}") from None
+            lora.file = str(path)  # the file checked is the file read
+
+    def lora_choices(self) -> tuple[LoraChoice, ...]:
+        return tuple(LoraChoice(lora.file, lora.strength, lora.expert) for lora in self.loras)
 
     def _check_image(self, spec: ModelSpec, roots: list[Path]) -> None:
         takes_image = spec.task in ("i2v", "ti2v")
@@ -262,8 +320,8 @@ def describe_error(error: dict) -> tuple[str, str]:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = f"not a request field; the fields: {', '.join(GenerationRequest.model_fields)}"
-    if error["loc"]:
-        return str(error["loc"][0]), message
+    if error["loc"]:   # a nested field with its path: loras.0.strength
+        return ".".join(str(part) for part in error["loc"]), message
     field, _, rest = message.partition(": ")
     return (field, rest) if field in GenerationRequest.model_fields else ("", message)
 

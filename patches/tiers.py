@@ -43,6 +43,7 @@ class TierOptions:
     threshold: float | None = None      # the speed tier's cache threshold; None: the cache's default
     attention: str = "auto"             # "auto" | "sdpa" | "fa4"
     compile_backend: str = "inductor"   # "eager" / "aot_eager" trace only (CPU tests)
+    step_caches: bool = True            # False for distilled runs: 4 steps leave nothing to skip
 
     def __post_init__(self):
         if self.step_cache not in STEP_CACHES:
@@ -120,7 +121,9 @@ def plan_tier(tier: str, device: torch.device | str, task: str | None = None, op
     if on and pipe is not None and not isinstance(pipe, WanPipeline):   # a bare Denoiser (wanflow bench)
         on, why = False, "this pipeline has no VAE"
     plan.append(PlannedPatch("vae_decode", on, why, apply_vae_decode if on else None))
-    if tier == "speed":
+    if not options.step_caches:
+        plan.append(PlannedPatch("step_cache", False, "off in distilled mode (4 steps leave nothing to skip)"))
+    elif tier == "speed":
         cache = _step_cache(options.step_cache, options.threshold, sampling)
         if task in ("i2v", None) and options.step_cache != "magcache":
             plan.append(PlannedPatch("magcache", False, "I2V's balanced MagCache is replaced by the speed tier's "

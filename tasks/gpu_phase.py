@@ -49,12 +49,13 @@ class Denoised:
     energy: dict | None = None                    # energy_record(): the card's energy while denoising
     prompt_tokens: dict = field(default_factory=dict)  # per prompt: tokens, kept, truncated (the encoder's limit)
     engine: dict = field(default_factory=dict)    # engine_record(): where it ran, the parallel plan, per-rank times
+    loras: list = field(default_factory=list)     # EngineCache.lora_record(): each LoRA file, its sha256, strength
 
     @property
     def model_calls(self) -> dict[str, int]:
         """Model calls (one per step and cond/uncond branch) whose block stack ran or was reused."""
         if self.step_cache is None:
-            total = 2 * len(self.step_seconds)
+            total = (1 if self.settings.get("cfg") == "none" else 2) * len(self.step_seconds)
             return {"computed": total, "skipped": 0, "total": total}
         return {k: self.step_cache[k] for k in ("computed", "skipped", "total")}
 
@@ -121,7 +122,7 @@ def run_warm_up(engines: EngineCache, run: RunDescription, cache_dir: str) -> tu
         pipe, _ = engines.tiered(run, cache_dir=cache_dir)
         load_s = time.perf_counter() - started
         plan = pipe.plan(image=run.image, size=tuple(run.size), frame_num=run.frame_count, steps=run.steps,
-                         shift=run.shift, solver=run.solver)
+                         shift=run.shift, guide_scale=run.guide_scale, solver=run.solver)
         seconds = warm_up(pipe, plan)
     grid = plan.grid
     return seconds, load_s, (f"warmed {run.size}, {run.frame_count} frames, latent grid {grid.height}x{grid.width}, "
@@ -143,12 +144,15 @@ def run_denoise(engines: EngineCache, run: RunDescription, on_step: StepListener
                                    guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
                                    callback=_step_listener(handle, on_step), should_cancel=should_cancel)
     engine = engine_record(run, engines, resident, sum(result.step_seconds))
-    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine)
+    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine,
+                     engines.lora_record(run.checkpoint, run.device))
 
 
-def _denoised(run: RunDescription, result, handle, load_s: float, energy: dict | None, engine: dict) -> Denoised:
+def _denoised(run: RunDescription, result, handle, load_s: float, energy: dict | None, engine: dict,
+              loras: list[dict]) -> Denoised:
     cache_record = None
-    computed = {"cond": list(range(run.steps)), "uncond": list(range(run.steps))}
+    branches = ("cond",) if result.settings.get("cfg") == "none" else ("cond", "uncond")   # guide scale 1: cond
+    computed = {branch: list(range(run.steps)) for branch in branches}
     if handle.step_cache is not None:
         cache_record = _step_cache_record(handle.step_cache)
         computed = cache_record["executed_computed_steps"]
@@ -156,7 +160,8 @@ def _denoised(run: RunDescription, result, handle, load_s: float, energy: dict |
                     timings={"load": load_s, **result.timings}, step_seconds=list(result.step_seconds),
                     experts_per_step=list(result.experts_per_step), tier=handle.summary(), step_cache=cache_record,
                     block_stack=_block_stack_per_step(computed, run.steps), energy=energy,
-                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()}, engine=engine)
+                    prompt_tokens={name: asdict(count) for name, count in result.prompt_tokens.items()}, engine=engine,
+                    loras=loras)
 
 
 def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, rank: int, world_size: int,
@@ -191,7 +196,8 @@ def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, ran
                            "world_size": world_size},
               "ranks": [{"rank": r, "device": g.device, "denoise_s": round(s, 4)}
                         for r, (g, s) in enumerate(zip(run.allocation.gpus, seconds, strict=True))]}
-    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine)
+    return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine,
+                     engines.lora_record(run.checkpoint, run.device))
 
 
 def _compiles(handle) -> bool:

@@ -9,11 +9,13 @@ removes the applied one, which the patch contract makes exact, and applies the n
 never hold two copies of the weights, and compiled blocks are re-wrapped without re-tracing
 (torch.compile's cache is per code object and backend). A reused pipeline starts each run clean:
 its step cache is prepared for the run's settings and drops every cached residual at the run's
-first step.
+first step. It also carries exactly the run's LoRAs (patches/lora.py): a run with other LoRAs removes the
+applied ones bit-exactly and merges the new ones in place, with no reload of the base weights.
 """
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,9 +27,11 @@ import torch
 
 import wan_engine
 from patches.compile import CACHE_ENV, chosen_cache_dir
+from patches.lora import LoraConfig, LoraHandle, apply_loras, read_and_check
 from patches.tiers import TierHandle, TierOptions, apply_tier
 from tasks.runlog import run_logger
 from tasks.runs import RunDescription
+from wan_engine.lora import LoraChoice
 
 # torch.compile backend of the balanced and speed tiers; "eager" traces without generating kernels
 # (CPU tests of the compile path).
@@ -39,10 +43,14 @@ def engine_dtype(device: str) -> torch.dtype:
     return torch.float32 if device == "cpu" else torch.bfloat16
 
 
-def tier_options(tier: str, teacache_threshold: float | None = None, step_cache: str = "teacache") -> TierOptions:
+def tier_options(tier: str, teacache_threshold: float | None = None, step_cache: str = "teacache",
+                 distilled: bool = False) -> TierOptions:
     """The options a request's tier runs with: the step-cache choice and the TeaCache threshold matter to the
     speed tier only, so other tiers ignore them (and changing them does not re-apply those tiers). MagCache
-    runs its published (or calibrated) schedule: the TeaCache threshold does not apply to it."""
+    runs its published (or calibrated) schedule: the TeaCache threshold does not apply to it. Distilled runs
+    have no step cache."""
+    if distilled:
+        return TierOptions(compile_backend=COMPILE_BACKEND, step_caches=False)
     if tier != "speed":
         return TierOptions(compile_backend=COMPILE_BACKEND)
     threshold = teacache_threshold if step_cache == "teacache" else None
@@ -69,7 +77,10 @@ class EngineCache:
         self._load = load_pipeline
         self._pipelines: OrderedDict[tuple[str, str, torch.dtype], object] = OrderedDict()  # least recent first
         self._tiers: dict[tuple[str, str, torch.dtype], _AppliedTier] = {}
+        self._loras: dict[tuple[str, str, torch.dtype], LoraHandle] = {}
+        self._lora_bases: dict[tuple[str, str, torch.dtype], dict] = {}   # base weights under merged LoRAs
         self.loads = 0
+        self.lora_switches = 0
 
     def held(self) -> list[tuple[str, str]]:
         """(checkpoint, device) of every pipeline held, least recently used first."""
@@ -109,11 +120,12 @@ class EngineCache:
         TORCHINDUCTOR_CACHE_DIR is set; it stays set for the process, whose compiled blocks keep using it."""
         pipe = self.pipeline(run.checkpoint, run.device)
         key = (run.checkpoint, run.device, engine_dtype(run.device))
-        options = tier_options(run.tier, run.teacache_threshold, run.step_cache)
+        options = tier_options(run.tier, run.teacache_threshold, run.step_cache, run.distilled)
         applied = self._tiers.get(key)
         if applied is not None and (applied.tier, applied.options) == (run.tier, options):
             if applied.handle.step_cache is not None:
                 applied.handle.step_cache.prepare(run.steps, run.shift, run.solver)
+            self._switch_loras(key, pipe, run.loras)
             return pipe, applied.handle
         if applied is not None:
             run_logger().info("removing tier %s from %s on %s before applying %s", applied.tier, run.checkpoint,
@@ -125,7 +137,36 @@ class EngineCache:
             os.environ[CACHE_ENV] = str(Path(cache_dir) / "inductor")
         handle = apply_tier(pipe, run.tier, options, steps=run.steps, shift=run.shift, solver=run.solver)
         self._tiers[key] = _AppliedTier(run.tier, options, handle)
+        self._switch_loras(key, pipe, run.loras)
         return pipe, handle
+
+    def _switch_loras(self, key: tuple[str, str, torch.dtype], pipe, loras: tuple[LoraChoice, ...]) -> None:
+        """Give the pipeline exactly the run's LoRAs: the applied ones are removed (bit-exact) and the new ones
+        merged in place, with no reload of the base weights. The new files are read and checked first, so a
+        bad one leaves the previous LoRAs on."""
+        applied = self._loras.get(key)
+        if applied is not None and applied.config.loras == loras:
+            return
+        files = read_and_check(pipe, loras)
+        started = time.perf_counter()
+        if applied is not None:
+            del self._loras[key]
+            applied.remove()
+        if loras:
+            # On a GPU the base weights wait in pinned host memory: an A14B pair has no room for a second copy.
+            keep_on = "cpu" if key[1].startswith("cuda") else None
+            self._loras[key] = apply_loras(pipe, LoraConfig(loras, keep_on=keep_on),
+                                           {c.path: f for c, f in zip(loras, files, strict=True)},
+                                           self._lora_bases.setdefault(key, {}))
+        self.lora_switches += 1
+        run_logger().info("LoRAs on %s: %s (switched in %.2f s)", key[0],
+                          ", ".join(f"{Path(c.path).name} x{c.strength:g} ({c.expert})" for c in loras) or "none",
+                          time.perf_counter() - started)
+
+    def lora_record(self, checkpoint: str, device: str) -> list[dict]:
+        """The LoRAs applied to a pipeline now, each file with its sha256 (metadata.json)."""
+        applied = self._loras.get((checkpoint, device, engine_dtype(device)))
+        return applied.summary() if applied is not None else []
 
     def evict(self, device: str) -> None:
         """Drop the pipelines held on `device` (and their tiers) and give their memory back to the driver."""
@@ -133,6 +174,8 @@ class EngineCache:
             self._drop(key)
 
     def _drop(self, key: tuple[str, str, torch.dtype]) -> None:
+        self._loras.pop(key, None)   # the weights go with the pipeline: nothing to put back
+        self._lora_bases.pop(key, None)
         applied = self._tiers.pop(key, None)
         if applied is not None:
             try:  # puts process-wide settings back (TF32, ...); must not hide why the pipeline goes

@@ -100,6 +100,7 @@ def build_record(run: RunDescription, denoised: Denoised, video: EncodedVideo, r
         "sampling": denoised.settings,
         "tier": run.tier,
         "patches": denoised.tier.get("patches", []),
+        "loras": denoised.loras,   # each LoRA file applied, with its sha256, strength and experts
         "compile": warm.record() if warm is not None else None,
         "step_cache": denoised.step_cache,
         "model_calls": denoised.model_calls,

@@ -11,6 +11,7 @@ from typing import Any
 
 from tasks.allocate import Allocation
 from tasks.settings import Tier
+from wan_engine.lora import LoraChoice
 from wan_engine.sizes import Size
 
 
@@ -36,6 +37,8 @@ class RunDescription:
     teacache_threshold: float
     step_cache: str          # the speed tier's step skipping: teacache or magcache
     allocation: Allocation   # the GPUs held for the run (none for a CPU run)
+    loras: tuple[LoraChoice, ...] = ()   # applied to the pipeline for this run, switched between runs
+    distilled: bool = False  # the Lightning settings (steps, shift, guide scale, solver are set): no step cache
 
     @property
     def device(self) -> str:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         description="Folders a request may read images, manifests and LoRA files from (and checkpoints, besides "
         f"WAN_CHECKPOINT_ROOT): a list separated by {os.pathsep!r} or a JSON list; default: the working directory.",
     )
+    lora_dir: Path | None = Field(
+        None, description="Folder of LoRA .safetensors files a request may name by file name alone (a LoRA may "
+        "also be a path inside the input roots)."
+    )
     outputs_dir: Path = Field(Path("outputs"), description="Published videos go to <outputs_dir>/<date>/.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "wanflow",

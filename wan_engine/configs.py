@@ -52,6 +52,25 @@ class ModelSpec:
         return [f"{w}*{h}" for w, h in self.sizes]
 
 
+@dataclass(frozen=True)
+class DistilledSettings:
+    """The sampling of the step-distilled Wan2.2-Lightning LoRAs, the same for T2V-A14B and I2V-A14B (their
+    wan/configs/wan_{t2v,i2v}_A14B.py and generate.py, cited in docs/lora.md): 4 Euler steps on their schedule
+    at shift 5 and guide scale 1 on both experts (no unconditional branch); the experts switch at the base
+    model's boundary (0.875 T2V, 0.900 I2V), after 2 of the 4 steps for both."""
+
+    steps: int = 4
+    shift: float = 5.0
+    guide_scale: float = 1.0
+    solver: str = "lightning"
+
+    def sampling(self) -> dict:
+        """The keyword arguments of `plan` / `generate` for a distilled run."""
+        return dict(steps=self.steps, shift=self.shift, guide_scale=self.guide_scale, solver=self.solver)
+
+
+DISTILLED = DistilledSettings()
+
 _A14B_SIZES = ((1280, 720), (720, 1280), (832, 480), (480, 832))
 
 MODEL_SPECS: dict[str, ModelSpec] = {

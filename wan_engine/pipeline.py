@@ -324,7 +324,7 @@ class Denoiser:
             raise ValueError(f"CFG parallelism runs one branch per forward: the plan's cfg must be 'sequential', "
                              f"not {plan.cfg!r}")
         solver = solver_for(s.solver, Schedule(torch.tensor(s.sigmas, dtype=torch.float32),
-                                                torch.tensor(s.timesteps, dtype=torch.int64)))
+                                                torch.tensor(s.timesteps)))   # int64, float32 for lightning
         latents = plan.noise[None]                                          # [1, 16, f, h, w]
         inputs = self._run_inputs(plan, y)
         step_seconds: list[float] = []

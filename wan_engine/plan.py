@@ -64,7 +64,7 @@ class StepPlan:
     moe: bool
     solver: str
     shift: float
-    timesteps: tuple[int, ...]
+    timesteps: tuple[int, ...]         # floats for the lightning solver
     sigmas: tuple[float, ...]          # steps + 1, the last 0
     experts: tuple[str, ...]
     guide_scale: tuple[float, float]   # (low-noise expert, high-noise expert), as given

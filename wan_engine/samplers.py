@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
-SOLVERS = ("unipc", "dpm++", "euler")
+# "lightning": Euler on the schedule the step-distilled Wan2.2-Lightning LoRAs were trained for (docs/lora.md)
+SOLVERS = ("unipc", "dpm++", "euler", "lightning")
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -38,7 +40,7 @@ class Schedule:
     """The noise levels of one generation and the integer timesteps the model is conditioned on."""
 
     sigmas: Tensor     # float32 [steps + 1], decreasing, last is 0
-    timesteps: Tensor  # int64 [steps], trunc(sigma·1000) of the float64 sigmas
+    timesteps: Tensor  # int64 [steps], trunc(sigma·1000) of the float64 sigmas (lightning: float32 sigma·1000)
 
     @property
     def steps(self) -> int:
@@ -54,9 +56,21 @@ def _check(solver: str, steps: int, shift: float) -> None:
         raise ValueError(f"shift must be positive, got {shift}")
 
 
+def lightning_schedule(steps: int, shift: float) -> Schedule:
+    """Wan2.2-Lightning's Euler schedule: t = linspace(1000, 0, steps + 1) in float32, sigma = shift(t / 1000)
+    in float32, and the model is conditioned on the float timesteps sigma * 1000 (1000, 937.5, 833.33, 625 for
+    4 steps at shift 5), not on truncated integers."""
+    base = torch.from_numpy(np.linspace(NUM_TRAIN_TIMESTEPS, 0, steps + 1, dtype=np.float32)) / NUM_TRAIN_TIMESTEPS
+    sigmas = shift_sigmas(base, shift)  # [steps + 1] float32, the last 0
+    return Schedule(sigmas=sigmas, timesteps=sigmas[:-1] * NUM_TRAIN_TIMESTEPS)
+
+
 def make_schedule(solver: str, steps: int, shift: float) -> Schedule:
-    """The official schedule: UniPC and Euler start at sigma 0.999 (t = 999), DPM++ at 1.0 (t = 1000)."""
+    """The official schedule: UniPC and Euler start at sigma 0.999 (t = 999), DPM++ at 1.0 (t = 1000);
+    "lightning" is `lightning_schedule`."""
     _check(solver, steps, shift)
+    if solver == "lightning":
+        return lightning_schedule(steps, shift)
     start = 1.0 if solver == "dpm++" else _UNIPC_SIGMA_MAX
     # numpy's linspace(start, 0, steps + 1)[:steps], bit for bit: i·step + start in float64
     base = torch.arange(steps, dtype=torch.float64) * (-start / steps) + start  # [steps]
@@ -185,7 +199,7 @@ class EulerSolver(_Multistep):
         return sample + self._dsigma[i] * model_output
 
 
-_SOLVER_TYPES = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver}
+_SOLVER_TYPES = {"unipc": UniPCSolver, "dpm++": DPMSolver, "euler": EulerSolver, "lightning": EulerSolver}
 
 
 def make_solver(solver: str, steps: int, shift: float) -> Solver:

@@ -172,7 +172,11 @@ def test_json_schema_has_dropdowns_and_ranges(wan_env):
     assert {"1280*720", "832*480", "64*64"} <= set(enum("size"))
     assert enum("tier") == ["quality", "balanced", "speed"]
     assert enum("strategy") == ["auto", "max_speed", "concurrent"]
-    assert properties["solver"]["enum"] == ["unipc", "dpm++", "euler"]
+    assert properties["solver"]["enum"] == ["unipc", "dpm++", "euler", "lightning"]
+    assert properties["distilled"]["type"] == "boolean" and properties["loras"]["type"] == "array"
+    lora = GenerationRequest.model_json_schema()["$defs"]["LoraRequest"]["properties"]
+    assert (lora["strength"]["minimum"], lora["strength"]["maximum"]) == (0, 2)
+    assert lora["expert"]["enum"] == ["both", "high", "low"]
     assert (properties["teacache_threshold"]["minimum"], properties["teacache_threshold"]["maximum"]) == (0.05, 0.5)
 
 

@@ -40,6 +40,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 mkdir "$work/new"
 "$py" tests/oracle/compact_refs.py --raw "$work/raw_refs" --out "$work/new/refs"
+"$py" tests/oracle/make_lora_refs.py --fixture "$work/fixture/t2v-A14B-tiny" --out "$work/new/refs" --threads "$threads"
 # cp -r turns make_fixture's hard links into plain files, as git stores them
 for item in t2v-A14B-tiny i2v-A14B-tiny oracle_fixture.json; do
     cp -r "$work/fixture/$item" "$work/new/$item"
