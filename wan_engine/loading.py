@@ -31,6 +31,7 @@ from .configs import (
     T5_FILE,
     TINY_PRESETS,
     TOKENIZER_DIR,
+    VAE22_FILE,
     ModelSpec,
     spec_for_model_type,
 )
@@ -41,6 +42,7 @@ from .t5 import T5Config, UMT5Encoder
 from .text import PromptTokenizer
 from .tiny import materialise_tiny
 from .vae import WanVAE21
+from .vae22 import WanVAE22
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,16 @@ class _Validated:
     tokenizer: PromptTokenizer
 
 
+def _vae_for(spec: ModelSpec, sd: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    """The VAE module a checkpoint's spec names, at the widths its state dict has."""
+    for key in ("encoder.conv1.weight", "decoder.conv1.weight"):
+        if key not in sd:
+            raise CheckpointError(f"{path} is not a Wan VAE state dict: it lacks {key}")
+    if spec.vae_file == VAE22_FILE:
+        return WanVAE22(*WanVAE22.dims_from_state_dict(sd))
+    return WanVAE21(dim=WanVAE21.dim_from_state_dict(sd))
+
+
 def _validate(root: Path, spec: ModelSpec) -> _Validated:
     """Existence, completeness, tensor names and shapes of every file, reading no weight."""
     expert_dirs = _expert_dirs(root, spec)
@@ -236,7 +248,7 @@ def _validate(root: Path, spec: ModelSpec) -> _Validated:
     t5 = build_meta(lambda: UMT5Encoder(T5Config.from_state_dict(t5_sd)))
     check_shapes(t5, _shapes(t5_sd), t5_path)
     vae_sd = load_pth(vae_path, "VAE")
-    vae = build_meta(lambda: WanVAE21(dim=WanVAE21.dim_from_state_dict(vae_sd)))
+    vae = build_meta(lambda: _vae_for(spec, vae_sd, vae_path))
     check_shapes(vae, _shapes(vae_sd), vae_path)
     try:
         tokenizer = PromptTokenizer(root / TOKENIZER_DIR)
