@@ -291,7 +291,8 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
                          _param_bytes(_shapes(v.vae_sd), torch.float32), activations)
     log.info("loading %s from %s on %s (%s): experts %s, text encoder %s", spec.name, root, device, dtype,
              "resident" if memory.experts_resident else "swapped at the boundary",
-             "resident" if memory.text_encoder_resident else "on the CPU between uses")
+             "resident" if memory.text_encoder_resident else
+             "encoding on the CPU" if memory.text_encoder_on_cpu else "on the CPU between uses")
 
     # 3. read the weights
     for n, d in v.expert_dirs.items():

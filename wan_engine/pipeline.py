@@ -138,6 +138,9 @@ class MemoryPlan:
 
     experts_resident: bool   # both DiT experts stay on the device
     text_encoder_resident: bool
+    # umT5 encodes on the CPU (the official --t5_cpu): not even a visit to the device fits beside the
+    # weights held there, as on a 24 GB card with TI2V-5B
+    text_encoder_on_cpu: bool = False
 
 
 def activation_bytes(config, tokens: int) -> int:
@@ -154,16 +157,22 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
     return next(module.parameters()).device.type == device.type
 
 
+T5_VISIT_SLACK = 2 << 30   # umT5's own working memory for a prompt, and the allocator's
+
+
 def plan_memory(free_bytes: int | None, expert_bytes: int, n_experts: int, t5_bytes: int,
                 vae_bytes: int, activation_bytes: int) -> MemoryPlan:
     """Keep everything on the device when it fits; else keep the experts and let T5 wait on
-    the CPU; else hold only the active expert on the device."""
+    the CPU, visiting the device to encode; else hold only the active expert on the device. T5
+    encodes on the CPU when its visit would not fit beside the weights the device holds then."""
     if free_bytes is None:  # CPU: nothing to move
         return MemoryPlan(True, True)
     experts = expert_bytes * n_experts + vae_bytes + activation_bytes
     if experts + t5_bytes <= free_bytes:
         return MemoryPlan(True, True)
-    return MemoryPlan(experts <= free_bytes, False)
+    resident = experts <= free_bytes
+    held = expert_bytes * (n_experts if resident else 1) + vae_bytes   # while T5 encodes
+    return MemoryPlan(resident, False, held + t5_bytes + T5_VISIT_SLACK > free_bytes)
 
 
 class Denoiser:
@@ -381,13 +390,14 @@ class WanPipeline(Denoiser):
         self.vae = vae
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length)."""
-        if not self.memory.text_encoder_resident:
+        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length), on the device."""
+        visits = not (self.memory.text_encoder_resident or self.memory.text_encoder_on_cpu)
+        if visits:
             self.text_encoder.to(self.device)
         context, _ = encode_prompts(self.text_encoder, self.tokenizer, prompts)
-        if not self.memory.text_encoder_resident:
+        if visits:
             self.text_encoder.to("cpu")
-        return context
+        return context.to(self.device)
 
     @torch.no_grad()
     def encode_prompt(self, plan: RunPlan, prompt: str, negative_prompt: str = "") -> PromptContext:

@@ -13,7 +13,7 @@ import wan_engine
 from tests.conftest import ORACLE_DIR, load_ref, rel_err
 from wan_engine.configs import MODEL_SPECS
 from wan_engine.loading import CheckpointError
-from wan_engine.pipeline import plan_memory
+from wan_engine.pipeline import MemoryPlan, plan_memory
 from wan_engine.ti2v import best_output_size, fit_image
 from wan_engine.vae22 import LATENT_MEAN, LATENT_STD, WanVAE22
 
@@ -133,9 +133,25 @@ def test_missing_piece_is_a_clear_error(tmp_path, missing):
 
 
 def test_memory_plan_fits_a_24_gb_card():
-    """5B DiT in bf16 (10 GB) resident with the VAE and a 720p forward; umT5-XXL (11 GB) waits on the CPU."""
+    """The release's sizes: the 5B DiT in bf16 (10.0 GB) resident with the 2.2 VAE (2.8 GB) and a 720p 121-frame
+    forward; umT5-XXL (11.4 GB) encodes on the CPU, as the official --t5_cpu, since even a visit to the card
+    would not fit beside them. A 32 GB card holds everything."""
     gb = 10**9
-    plan = plan_memory(free_bytes=23 * gb, expert_bytes=10 * gb, n_experts=1, t5_bytes=11 * gb,
-                       vae_bytes=gb, activation_bytes=7 * gb)
-    assert plan.experts_resident and not plan.text_encoder_resident
+    sizes = dict(expert_bytes=10 * gb, n_experts=1, t5_bytes=int(11.4 * gb), vae_bytes=int(2.8 * gb),
+                 activation_bytes=int(2.9 * gb) + (4 << 30))
+    card_24 = plan_memory(free_bytes=int(23.5 * 2**30), **sizes)
+    assert card_24 == MemoryPlan(experts_resident=True, text_encoder_resident=False, text_encoder_on_cpu=True)
+    assert plan_memory(free_bytes=31 * 2**30, **sizes) == MemoryPlan(True, True)
     assert plan_memory(80 * gb, 10 * gb, 1, 11 * gb, gb, 7 * gb).text_encoder_resident
+
+
+def test_text_encoder_on_the_cpu_encodes_there_and_hands_the_device_its_context(pipe):
+    """The context of a CPU-encoded prompt is the one the resident encoder gives (here both on the CPU)."""
+    resident = pipe.encode_text(["a heron"])
+    memory = pipe.memory
+    pipe.memory = MemoryPlan(True, False, text_encoder_on_cpu=True)
+    try:
+        on_cpu = pipe.encode_text(["a heron"])
+    finally:
+        pipe.memory = memory
+    assert torch.equal(on_cpu, resident) and pipe.text_encoder.token_embedding.weight.device.type == "cpu"
