@@ -158,14 +158,15 @@ def _add_engine_commands(commands) -> None:
     calibrate.add_argument("--checkpoint", required=True, help="official checkpoint folder, or a preset (tiny)")
     calibrate.add_argument("--prompt", default=CALIBRATION_PROMPT)
     calibrate.add_argument("--negative-prompt", default="")
-    calibrate.add_argument("--image", help="first frame, for I2V checkpoints")
+    calibrate.add_argument("--image", help="first frame: needed for I2V checkpoints; for TI2V it calibrates the "
+                           "text+image mode (without it, the text-only mode)")
     calibrate.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     calibrate.add_argument("--shift", type=float, help="noise schedule shift (default: the model's)")
     calibrate.add_argument("--solver", choices=("unipc", "dpm++", "euler"), default="unipc")
     calibrate.add_argument("--guide-scale", type=float, help="default: the model's per-expert scales")
     calibrate.add_argument("--size", type=Size.parse,
                            help="W*H (default: 832*480 where offered, else the model's first size)")
-    calibrate.add_argument("--frames", type=int, default=81, help="video frames, 4k+1")
+    calibrate.add_argument("--frames", type=int, help="video frames, 4k+1 (default: the model's, 121 for ti2v-5B)")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--device", help="cuda, cuda:1, cpu (default: the first GPU, else the CPU)")
     calibrate.add_argument("--output", help="calibration file (default: wanflow_calibration.json in the checkpoint)")
@@ -198,14 +199,17 @@ def _calibrate(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = wan_engine.load_pipeline(args.checkpoint, device=device, dtype=engine_dtype(device))
     size = args.size or Size(*((832, 480) if (832, 480) in pipe.spec.sizes else pipe.spec.sizes[0]))
+    frames = args.frames or pipe.spec.frame_num
+    mode = " with the image" if args.image else ""
     print(f"calibrating {pipe.spec.name} from {pipe.checkpoint_dir} on {device}: {size}, "
-          f"{args.frames} frames (one full generation)", file=sys.stderr)
+          f"{frames} frames{mode} (one full generation)", file=sys.stderr)
     result = calibrate(pipe, args.prompt, args.steps, args.shift, solver=args.solver, size=size,
-                       frame_num=args.frames, seed=args.seed, negative_prompt=args.negative_prompt,
+                       frame_num=frames, seed=args.seed, negative_prompt=args.negative_prompt,
                        image=args.image, guide_scale=args.guide_scale, path=args.output)
     entry = result.entry
     fitted = [s for s, fit in entry["teacache"].items() if fit["coefficients"]]
-    print(f"calibrated {entry['model']} ({entry['steps']} steps, shift {entry['shift']:g}, {entry['solver']}): "
+    print(f"calibrated {entry['model']} ({entry['steps']} steps, shift {entry['shift']:g}, {entry['solver']}, "
+          f"{'text+image' if entry['image'] else 'text only'}): "
           f"{len(result.magcache_ratios)} MagCache ratios, TeaCache fit for {', '.join(fitted) or 'no signal'}")
     print(f"saved: {result.path}")
     return 0

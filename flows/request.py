@@ -36,9 +36,12 @@ Solver = Literal["unipc", "dpm++", "euler", "lightning"]
 StepCache = Literal["teacache", "magcache"]
 
 DEFAULT_DURATION_RANGE = (2.0, 10.0)
-TINY_DURATION_RANGE = (0.25, 10.0)  # test models: as short as 5 frames, so CPU runs take seconds
+TINY_MAX_SECONDS = 10.0  # test models: as short as 5 frames (4 / fps seconds), so CPU runs take seconds
 HIGH_VRAM_RANGES = {"720p": (5.0, 21.0), "480p": (5.0, 33.0)}  # A14B on GPUs with >= 80 GB
 HIGH_VRAM_TASKS = ("t2v-A14B", "i2v-A14B")
+# TI2V-5B at 1280*704 (24 fps): 10 s is 241 frames, a forward of about 6 GB beside the 10 GB DiT and the 2.8 GB
+# VAE with umT5 encoding on the CPU, within a 24 GB card; on >= 80 GB cards 20 s (481 frames, about 11 GB).
+TI2V_DURATION_RANGES = {"high_vram": (2.0, 20.0), "default": (2.0, 10.0)}
 
 
 def release_folder(task: str) -> str:
@@ -50,9 +53,11 @@ def release_folder(task: str) -> str:
 def duration_range(spec: ModelSpec, size: Size, profile: GpuProfile) -> tuple[float, float]:
     """Seconds of video a task may generate at `size` on this hardware (DESIGN.md "Durations")."""
     if spec.name in TINY_PRESETS:
-        return TINY_DURATION_RANGE
+        return 4 / spec.fps, TINY_MAX_SECONDS
     if spec.name in HIGH_VRAM_TASKS and profile.high_vram:
         return HIGH_VRAM_RANGES["720p" if min(size) >= 720 else "480p"]
+    if spec.name == "ti2v-5B":
+        return TI2V_DURATION_RANGES["high_vram" if profile.high_vram else "default"]
     return DEFAULT_DURATION_RANGE
 
 
@@ -100,8 +105,8 @@ class GenerationRequest(BaseModel):
         "a red fox trotting through fresh snow, cinematic lighting", min_length=1, description="What the video shows."
     )
     negative_prompt: str = Field("", description="Empty: the official default negative prompt.")
-    image: str | None = Field(None, description="First frame for I2V tasks: a PNG, JPEG, WEBP or BMP file "
-                                                "inside WAN_INPUT_ROOTS.")
+    image: str | None = Field(None, description="First frame: needed by I2V tasks, optional for TI2V (text+image "
+                                                "mode); a PNG, JPEG, WEBP or BMP file inside WAN_INPUT_ROOTS.")
     size: SizeName | None = Field(None, description="W*H; unset: the task's first size.")
     duration_s: float | None = Field(None, gt=0, le=60, description="Video length; frames are 4k+1 at the task fps.")
     frame_count: int | None = Field(None, ge=5, le=1001, description="Exact frame count (4k+1), instead of duration_s.")

@@ -1,6 +1,6 @@
 """`wanflow bench`: the DiT's speed per performance tier on this machine, with random weights.
 
-A real-size DiT (one A14B expert, or TI2V-5B; `tiny` for a CPU check) is built on the meta device and
+A real-size DiT (one A14B expert, or TI2V-5B; `tiny` or `tiny-ti2v` for a CPU check) is built on the meta device and
 filled with random weights directly on the device, so no checkpoint is needed. For each tier it
 reports seconds per forward (median of `repeats`, after a first call) and per denoising step (two
 forwards with classifier-free guidance; for a tier with a step cache, a whole sampling loop run
@@ -18,7 +18,8 @@ compiled tier obtained its code: cold (compiled, artifact saved) in the parent, 
 precompiled artifact loaded, or torch.compile with an FX-cache hit, or cold (see patches.compile).
 
     wanflow bench --model t2v-A14B --size 832*480 --frames 81 --tiers quality,balanced
-    python -m patches.bench --model tiny
+    wanflow bench --model ti2v-5B --tiers quality,balanced,speed --step-cache magcache
+    python -m patches.bench --model tiny        # or --model tiny-ti2v
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ from pathlib import Path
 
 import torch
 
-from wan_engine import MODEL_SPECS, Denoiser, ModelSpec
+from wan_engine import MODEL_SPECS, TINY_PRESETS, Denoiser, ModelSpec
 from wan_engine.dit import DiTConfig
 from wan_engine.pipeline import MemoryPlan
 from wan_engine.sizes import Size
+from wan_engine.ti2v import frame_timesteps
 from wan_engine.tiny import TINY_DIT, random_dit
 
 from .power import PowerMeter, PowerReading
@@ -63,16 +65,14 @@ class BenchModel:
     frames: int             # default frame count
 
 
-_TI2V_SPEC = ModelSpec(name="ti2v-5B", task="ti2v", experts=(".",), vae_file="Wan2.2_VAE.pth",
-                       sizes=((1280, 704), (704, 1280)), fps=24, steps=50, shift=5.0, guide_scale=(5.0, 5.0),
-                       boundary=None, frame_num=121, vae_stride=(4, 16, 16), z_dim=48)
 BENCH_MODELS = {
     "t2v-A14B": BenchModel(DiTConfig("t2v", 16, 16, 5120, 13824, 40, 40), MODEL_SPECS["t2v-A14B"], (832, 480), 81),
     "i2v-A14B": BenchModel(DiTConfig("i2v", 36, 16, 5120, 13824, 40, 40), MODEL_SPECS["i2v-A14B"], (832, 480), 81),
-    "ti2v-5B": BenchModel(DiTConfig("ti2v", 48, 48, 3072, 14336, 24, 30), MODEL_SPECS.get("ti2v-5B", _TI2V_SPEC),
-                          (1280, 704), 121),
+    "ti2v-5B": BenchModel(DiTConfig("ti2v", 48, 48, 3072, 14336, 24, 30), MODEL_SPECS["ti2v-5B"], (1280, 704), 121),
     "tiny": BenchModel(DiTConfig(model_type="t2v", in_dim=16, out_dim=16, **TINY_DIT), MODEL_SPECS["tiny"],
                        (64, 64), 5),
+    "tiny-ti2v": BenchModel(DiTConfig(model_type="ti2v", in_dim=48, out_dim=48, **TINY_DIT),
+                            MODEL_SPECS["tiny-ti2v"], (64, 64), 5),
 }
 
 
@@ -146,9 +146,8 @@ def dit_inputs(pipe: Denoiser, size: tuple[int, int], frames: int, steps: int | 
     extra = cfg.in_dim - pipe.spec.z_dim
     y = torch.randn(1, extra, *grid, generator=gen, device=pipe.device) if extra else None   # [1, C_y, f, h, w]
     t = torch.full((1,), TIMESTEP, device=pipe.device)
-    if cfg.model_type == "ti2v":
-        t = torch.full((1, tokens), TIMESTEP, device=pipe.device)
-        t[:, : tokens // grid[0]] = 0   # TI2V's first latent frame is the given image: timestep 0
+    if cfg.model_type == "ti2v":   # text+image mode: the first latent frame is the image's, at timestep 0
+        t = frame_timesteps(t, grid[0])   # [1, f], as the engine's loop passes it
     context = torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen, device=pipe.device).to(pipe.dtype)
     return dict(x=plan.noise[None], t=t, context=context, y=y, tokens=tokens, size=size, frames=frames)
 
@@ -406,7 +405,7 @@ def refusal(model: str, device: torch.device) -> str | None:
     """Why the bench cannot run `model` on `device`, said before any memory is taken; None when it can."""
     if device.type == "cuda" and not torch.cuda.is_available():
         return f"--device {device}: no CUDA GPU here; for a CPU check run `wanflow bench --model tiny --device cpu`"
-    if device.type != "cuda" and model != "tiny":
+    if device.type != "cuda" and model not in TINY_PRESETS:
         return (f"--model {model}: the real-size DiT needs a CUDA GPU (on {device.type} its random weights alone "
                 f"take tens of GB and one forward minutes); for a CPU check run `wanflow bench --model tiny`")
     return None

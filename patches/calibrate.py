@@ -11,8 +11,9 @@
   branch and expert (what a skipped step replaces; the head runs on every call), and a degree-4 fit
   (highest power first) when there are more than 4 distinct x.
 
-The result is merged into `<checkpoint>/wanflow_calibration.json` (one entry per solver, steps and
-shift; written atomically). MagCache prefers the entry of the run's exact settings, else the newest
+The result is merged into `<checkpoint>/wanflow_calibration.json` (one entry per solver, steps, shift
+and whether the run had an image, which tells TI2V-5B's text-only and text+image modes apart; written
+atomically). MagCache prefers the entry of the run's exact settings, else the newest
 one resampled to the run's steps, over the published ratios.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .step_cache import (
     BRANCHES,
     CALIBRATION_FORMAT,
     StepCacheHandle,
+    calibration_key,
     calibration_path,
     load_calibrations,
 )
@@ -123,7 +125,7 @@ def calibrate(pipe, prompt: str, steps: int | None = None, shift: float | None =
     y = {b: [changes.get((i, b)) for i in range(plan.steps)] for b in BRANCHES}
     entry = {
         "model": pipe.spec.name, "solver": plan.solver, "steps": plan.steps, "shift": plan.shift,
-        "size": list(size), "frame_num": frame_num, "seed": seed, "prompt": prompt,
+        "size": list(size), "frame_num": frame_num, "image": image is not None, "seed": seed, "prompt": prompt,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "magcache": {"ratios": [round(m, 5) for m, _ in stats], "ratio_std": [round(s, 5) for _, s in stats]},
         "teacache": {signal: _fit(teacache_rel_l1(pipe.experts, plan, signal), y) for signal in ("e", "e0")},
@@ -136,8 +138,8 @@ def calibrate(pipe, prompt: str, steps: int | None = None, shift: float | None =
 
 def _merge(path: Path, entry: dict) -> None:
     """Replace the entry with the same settings (or add it) and write the file atomically."""
-    same = (entry["solver"], entry["steps"], entry["shift"])
-    entries = [e for e in load_calibrations(path) if (e["solver"], e["steps"], e["shift"]) != same]
+    same = calibration_key(entry)
+    entries = [e for e in load_calibrations(path) if calibration_key(e) != same]
     text = json.dumps({"format": CALIBRATION_FORMAT, "entries": [*entries, entry]}, indent=1)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:

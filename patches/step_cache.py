@@ -29,7 +29,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from wan_engine import BlockCall, ModelSpec, RunHook, RunPlan, StepPlan, plan_steps
+from wan_engine import MODEL_SPECS, BlockCall, ModelSpec, RunHook, RunPlan, StepPlan, plan_steps
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +70,26 @@ def load_calibrations(path: str | Path) -> list[dict]:
     return data["entries"]
 
 
-def find_calibration(checkpoint_dir: str | Path | None, plan: StepPlan) -> tuple[Path, dict] | None:
-    """(file, entry) calibrated with the plan's exact settings, else the newest entry; None without a file
-    (or without a checkpoint: random weights)."""
+def calibrated_with_image(entry: dict) -> bool:
+    """Whether a calibration entry's run had an image (TI2V's text+image mode, I2V); entries written before
+    this was recorded come from the one mode their task has."""
+    return entry.get("image", MODEL_SPECS[entry["model"]].task == "i2v")
+
+
+def calibration_key(entry: dict) -> tuple:
+    """The settings one entry stands for: a new calibration with the same key replaces it."""
+    return entry["solver"], entry["steps"], entry["shift"], calibrated_with_image(entry)
+
+
+def find_calibration(checkpoint_dir: str | Path | None, plan: StepPlan,
+                     image: bool | None = None) -> tuple[Path, dict] | None:
+    """(file, entry) calibrated with the plan's exact settings, else the newest entry, among the entries of
+    runs with (`image` True) or without an image (None: either); None without a file (or without a
+    checkpoint: random weights) or without an entry of that mode."""
     if checkpoint_dir is None:
         return None
     path = calibration_path(checkpoint_dir)
-    entries = load_calibrations(path)
+    entries = [e for e in load_calibrations(path) if image is None or calibrated_with_image(e) == image]
     if not entries:
         return None
     exact = [e for e in entries if (e["solver"], e["steps"], e["shift"]) == (plan.solver, plan.steps, plan.shift)]

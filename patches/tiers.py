@@ -81,7 +81,9 @@ def _residency(pipe, device: torch.device) -> PlannedPatch:
     if pipe is not None:
         plan = pipe.memory
         parts = ["experts resident" if plan.experts_resident else "experts swapped at the expert boundary",
-                 "text encoder resident" if plan.text_encoder_resident else "text encoder on the CPU between uses"]
+                 "text encoder resident" if plan.text_encoder_resident else
+                 "text encoder encoding on the CPU" if plan.text_encoder_on_cpu else
+                 "text encoder on the CPU between uses"]
         return PlannedPatch("resident", plan.experts_resident, ", ".join(parts) + " (decided at load from free memory)")
     if device.type != "cuda":
         return PlannedPatch("resident", True, "CPU: every model in host memory")

@@ -21,6 +21,8 @@ DEFAULT_NEGATIVE_PROMPT = (
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 VAE21_FILE = "Wan2.1_VAE.pth"
+VAE22_FILE = "Wan2.2_VAE.pth"
+ROOT_DIT = "."     # TI2V-5B keeps its one DiT at the folder's root
 HIGH_NOISE_DIR = "high_noise_model"
 LOW_NOISE_DIR = "low_noise_model"
 
@@ -84,6 +86,13 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
     # Random-weight toy models in the same architecture (wan_engine/tiny.py writes them as
     # official-layout folders): for CPU demos and tests, any size that is a multiple of 16.
+    # TI2V-5B: text or text+image to 720p at 24 fps, one DiT, the Wan 2.2 VAE (48 channels, 16x). The official
+    # code allows these two sizes; with an image the size gives the area and the image the aspect ratio.
+    "ti2v-5B": ModelSpec(
+        name="ti2v-5B", task="ti2v", experts=(ROOT_DIT,), vae_file=VAE22_FILE, sizes=((1280, 704), (704, 1280)),
+        fps=24, steps=50, shift=5.0, guide_scale=(5.0, 5.0), boundary=None, frame_num=121,
+        vae_stride=(4, 16, 16), z_dim=48,
+    ),
     "tiny": ModelSpec(
         name="tiny", task="t2v", experts=(HIGH_NOISE_DIR, LOW_NOISE_DIR), vae_file=VAE21_FILE,
         sizes=((64, 64), (96, 64), (64, 96), (128, 128)), fps=16, steps=10, shift=12.0,
@@ -94,9 +103,14 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         sizes=((64, 64), (96, 64), (64, 96), (128, 128)), fps=16, steps=10, shift=5.0,
         guide_scale=(3.5, 3.5), boundary=0.900,
     ),
+    "tiny-ti2v": ModelSpec(
+        name="tiny-ti2v", task="ti2v", experts=(ROOT_DIT,), vae_file=VAE22_FILE,
+        sizes=((64, 64), (96, 64), (64, 96), (128, 128)), fps=24, steps=10, shift=5.0, guide_scale=(5.0, 5.0),
+        boundary=None, vae_stride=(4, 16, 16), z_dim=48,
+    ),
 }
 
-TINY_PRESETS = ("tiny", "tiny-i2v")
+TINY_PRESETS = ("tiny", "tiny-i2v", "tiny-ti2v")
 
 
 def spec_for_model_type(model_type: str) -> ModelSpec:

@@ -4,9 +4,11 @@ Parameter names are those of the official ``WanModel`` so released checkpoints l
 ``load_state_dict(strict=True)`` and no remapping. The numerics follow the official code (timestep
 sinusoid in float64, float32 time embedding / modulation / residual stream, qk RMSNorm over the
 whole width, 3-axis RoPE) but the structure is ours: batched tensors, real cos/sin RoPE tables
-cached per grid, one modulation row per sample when all tokens share a timestep, a
-``block_stack_hook`` seam for step-caching patches, and an ``ulysses`` option of the forward that splits the
-token sequence over a Ulysses group (`wan_engine.ulysses`; the block-stack hook then sees this rank's tokens).
+cached per grid, modulation rows only for timesteps that differ (one per sample when all tokens share
+a timestep, one per latent frame when frames differ, as TI2V's image frame at t = 0 does: never a
+[B, L, 6, dim] tensor for them), a ``block_stack_hook`` seam for step-caching patches, and an ``ulysses``
+option of the forward that splits the token sequence over a Ulysses group (`wan_engine.ulysses`; the
+block-stack hook then sees this rank's tokens).
 
 dtype policy: linear and conv layers run in their weight dtype (bf16 on GPU); norms, the time
 embedding, every modulation and the head run in float32; the residual stream stays float32.
@@ -102,8 +104,26 @@ class DiTConfig:
         return embed + self.num_layers * per_block + head
 
 
+def token_rows(x: Tensor, rows: int) -> Tensor:
+    """[B, L, C] -> the view [B, rows, L / rows, C]: the tokens that share each row of a [B, rows, C]
+    modulation (rows 1: all of them; rows L: one each)."""
+    return x.unflatten(1, (rows, -1))
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x [B, L, C] * (1 + scale) + shift, with shift/scale [B, Lt, C] rows of L / Lt consecutive tokens."""
+    rows = shift.shape[1]
+    return (token_rows(x, rows) * (1 + scale[:, :, None]) + shift[:, :, None]).flatten(1, 2)
+
+
+def add_gated(x: Tensor, y: Tensor, gate: Tensor, inplace: bool = False) -> Tensor:
+    """x + y * gate in float32 (x [B, L, C], gate [B, Lt, C] rows as in `modulate`); in place into x when
+    `inplace` (x must be contiguous then)."""
+    rows = gate.shape[1]
+    if inplace:
+        token_rows(x, rows).addcmul_(token_rows(y, rows), gate[:, :, None])
+        return x
+    return torch.addcmul(token_rows(x, rows), token_rows(y, rows), gate[:, :, None]).flatten(1, 2)
 
 
 def use_triton(x: Tensor, weight: Tensor) -> bool:
@@ -119,6 +139,17 @@ def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:
     freqs = SINUSOID_BASE ** (-torch.arange(half, dtype=torch.float64, device=t.device) / half)
     angles = t.to(torch.float64)[..., None] * freqs  # [..., half]
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()  # [..., dim]
+
+
+def timestep_rows(t: Tensor, frames: int) -> Tensor:
+    """Per-token timesteps [B, L] (L = frames * tokens per frame) reduced to the rows that differ: [B, 1] when
+    every token shares one, [B, frames] when each latent frame does, else unchanged."""
+    per_frame = t.unflatten(1, (frames, -1))  # [B, f, hw]
+    if bool((per_frame == per_frame[:, :1, :1]).all()):
+        return t[:, :1]
+    if bool((per_frame == per_frame[:, :, :1]).all()):
+        return per_frame[:, :, 0]
+    return t
 
 
 def rope_tables(grid: tuple[int, int, int], head_dim: int) -> tuple[Tensor, Tensor]:
@@ -238,7 +269,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, mod: Tensor, context: Tensor, rope: tuple[Tensor, Tensor],
                 shard: SequenceShard | None = None) -> Tensor:
-        """x [B, L, dim] fp32; mod [B, Lt, 6, dim] fp32 with Lt 1 (shared timestep) or L (per token);
+        """x [B, L, dim] fp32; mod [B, Lt, 6, dim] fp32, each row for L / Lt consecutive tokens (Lt 1: a
+        shared timestep; the latent frames; L: per token);
         context [B, text_len, dim]; rope cos/sin [L, head_dim/2]. Returns [B, L, dim] fp32.
         With `shard`, L is this rank's slice of a sequence split over a Ulysses group."""
         shift_sa, scale_sa, gate_sa, shift_ffn, scale_ffn, gate_ffn = (
@@ -250,10 +282,10 @@ class DiTBlock(nn.Module):
         y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa).to(dtype), rope=rope, shard=shard)  # [B, L, dim]
         # A new tensor: the caller's x (a step cache may keep it) is never written. The residual
         # adds take the branch output in its own dtype (one kernel, float32 arithmetic).
-        x = torch.addcmul(x, y, gate_sa)  # [B, L, dim] fp32
+        x = add_gated(x, y, gate_sa)  # [B, L, dim] fp32
         x.add_(self.cross_attn(self.norm3(x).to(dtype), context))
         y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn).to(dtype))  # [B, L, dim]
-        return x.addcmul_(y, gate_ffn)
+        return add_gated(x, y, gate_ffn, inplace=True)
 
     def _forward_fused(self, x: Tensor, mod: tuple[Tensor, ...], context: Tensor,
                        rope: tuple[Tensor, Tensor], shard: SequenceShard | None) -> Tensor:
@@ -323,7 +355,9 @@ class WanDiT(nn.Module):
     def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
                 block_stack_hook: BlockStackHook | None = None, ulysses: Ulysses | None = None) -> Tensor:
         """x [B, C_x, F, H, W] latents; y optional [B, C_y, F, H, W] conditioning (I2V: mask + image
-        latent), concatenated on channels; t [B] (one timestep per sample) or [B, L] (per token);
+        latent), concatenated on channels; t [B] (one timestep per sample), [B, f] (one per latent frame:
+        what the engine passes for TI2V) or [B, L] (per token, the official form; reduced to the rows that
+        differ, which costs a host sync);
         context [B, Lc, text_dim], Lc <= text_len, rows past a prompt's end zero.
         block_stack_hook(tokens, run_blocks) replaces the call run_blocks(tokens) of the block stack.
         `ulysses`: split the tokens over this Ulysses group (every rank passes the same inputs and gets the
@@ -341,8 +375,10 @@ class WanDiT(nn.Module):
         # [B, L, dim], row-major (f, h, w); contiguous so every pass over the residual stream is dense
         x = x.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
-        # A [B] timestep is shared by all tokens: one modulation row per sample, broadcast over L.
+        # One modulation row per distinct run of tokens, broadcast over its tokens (see `modulate`).
         t = t[:, None] if t.dim() == 1 else t  # [B, Lt]
+        if t.shape[1] == math.prod(grid) and t.shape[1] > grid[0]:
+            t = timestep_rows(t, grid[0])  # [B, 1 or f or L]
         e = self.time_embedding(timestep_sinusoid(t, cfg.freq_dim))  # [B, Lt, dim] fp32
         mod = self.time_projection(e).unflatten(-1, (6, cfg.dim))  # [B, Lt, 6, dim] fp32
 
@@ -355,8 +391,11 @@ class WanDiT(nn.Module):
         shard = None if ulysses is None else ulysses.shard(x.shape[1])
         if shard is not None:   # this rank's tokens, with their own positions' RoPE rows and modulation
             x, rope = shard.scatter(x), (shard.scatter(rope[0], 0), shard.scatter(rope[1], 0))  # [B, Ls, dim]
-            if e.shape[1] > 1:
-                e, mod = shard.scatter(e), shard.scatter(mod)
+            if e.shape[1] > 1:   # the rows of this rank's tokens (its padding takes the last one)
+                tokens = math.prod(grid)
+                first = torch.arange(shard.local, device=x.device) + shard.rank * shard.local
+                rows = first.clamp_(max=tokens - 1) // (tokens // e.shape[1])
+                e, mod = e[:, rows], mod[:, rows]
 
         def run_blocks(tokens: Tensor) -> Tensor:
             for block in self.blocks:
@@ -385,8 +424,9 @@ class WanDiT(nn.Module):
         if F_ % pf or H_ % ph or W_ % pw:
             raise ValueError(f"latent grid {(F_, H_, W_)} is not divisible by patch {cfg.patch_size}")
         tokens = (F_ // pf) * (H_ // ph) * (W_ // pw)
-        if t.shape not in ((x.shape[0],), (x.shape[0], tokens)):
-            raise ValueError(f"t must be [B] or [B, L] = [{x.shape[0]}, {tokens}], got {tuple(t.shape)}")
+        if t.shape not in ((x.shape[0],), (x.shape[0], F_ // pf), (x.shape[0], tokens)):
+            raise ValueError(f"t must be [B], [B, f] or [B, L] = [{x.shape[0]}, {F_ // pf}] or "
+                             f"[{x.shape[0]}, {tokens}], got {tuple(t.shape)}")
         if context.dim() != 3 or context.shape[1] > cfg.text_len or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [B, <= {cfg.text_len}, {cfg.text_dim}], "
                              f"got {tuple(context.shape)}")

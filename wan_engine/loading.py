@@ -31,6 +31,7 @@ from .configs import (
     T5_FILE,
     TINY_PRESETS,
     TOKENIZER_DIR,
+    VAE22_FILE,
     ModelSpec,
     spec_for_model_type,
 )
@@ -41,6 +42,7 @@ from .t5 import T5Config, UMT5Encoder
 from .text import PromptTokenizer
 from .tiny import materialise_tiny
 from .vae import WanVAE21
+from .vae22 import WanVAE22
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +223,16 @@ class _Validated:
     tokenizer: PromptTokenizer
 
 
+def _vae_for(spec: ModelSpec, sd: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
+    """The VAE module a checkpoint's spec names, at the widths its state dict has."""
+    for key in ("encoder.conv1.weight", "decoder.conv1.weight"):
+        if key not in sd:
+            raise CheckpointError(f"{path} is not a Wan VAE state dict: it lacks {key}")
+    if spec.vae_file == VAE22_FILE:
+        return WanVAE22(*WanVAE22.dims_from_state_dict(sd))
+    return WanVAE21(dim=WanVAE21.dim_from_state_dict(sd))
+
+
 def _validate(root: Path, spec: ModelSpec) -> _Validated:
     """Existence, completeness, tensor names and shapes of every file, reading no weight."""
     expert_dirs = _expert_dirs(root, spec)
@@ -236,7 +248,7 @@ def _validate(root: Path, spec: ModelSpec) -> _Validated:
     t5 = build_meta(lambda: UMT5Encoder(T5Config.from_state_dict(t5_sd)))
     check_shapes(t5, _shapes(t5_sd), t5_path)
     vae_sd = load_pth(vae_path, "VAE")
-    vae = build_meta(lambda: WanVAE21(dim=WanVAE21.dim_from_state_dict(vae_sd)))
+    vae = build_meta(lambda: _vae_for(spec, vae_sd, vae_path))
     check_shapes(vae, _shapes(vae_sd), vae_path)
     try:
         tokenizer = PromptTokenizer(root / TOKENIZER_DIR)
@@ -279,7 +291,8 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
                          _param_bytes(_shapes(v.vae_sd), torch.float32), activations)
     log.info("loading %s from %s on %s (%s): experts %s, text encoder %s", spec.name, root, device, dtype,
              "resident" if memory.experts_resident else "swapped at the boundary",
-             "resident" if memory.text_encoder_resident else "on the CPU between uses")
+             "resident" if memory.text_encoder_resident else
+             "encoding on the CPU" if memory.text_encoder_on_cpu else "on the CPU between uses")
 
     # 3. read the weights
     for n, d in v.expert_dirs.items():

@@ -5,7 +5,8 @@ conditioning, seed and noise), then its inputs are encoded (`encode_prompt`, `en
 then `sample` runs the loop: per step the plan's expert predicts the cond and uncond branches (one
 batch-2 forward, two forwards, or the prompt alone at guide scale 1), they are combined with the
 step's guide scale and the solver steps; `decode` turns the latents into frames. `generate(...)` is
-the short form of all four. T2V and I2V differ only by their `Conditioning`.
+the short form of all four. T2V, I2V and TI2V differ only by their `Conditioning` (TI2V with an image: its
+latent is the first latent frame, kept through the loop at t = 0, see `wan_engine.ti2v`).
 
 `Denoiser` holds the experts and the loop; `WanPipeline` adds the text encoder and the VAE. A
 `Denoiser` alone (random weights, `wanflow bench`) plans and samples from given text contexts.
@@ -43,7 +44,9 @@ from .plan import CFG_MODES, HIGH_NOISE, LOW_NOISE, Conditioning, RunPlan, laten
 from .samplers import Schedule, solver_for
 from .t5 import UMT5Encoder, encode_prompts
 from .text import PromptTokenizer, TokenCount
+from .ti2v import SIZE_MULTIPLE, fit_image, frame_timesteps, keep_first_frame
 from .vae import WanVAE21
+from .vae22 import WanVAE22
 
 if TYPE_CHECKING:   # parallel.py builds on this module; the loop only uses the groups it is handed
     from .parallel import RankGroups
@@ -105,13 +108,17 @@ def video_to_frames(video: torch.Tensor) -> np.ndarray:
     return frames.permute(1, 2, 3, 0).cpu().numpy()
 
 
+def _image_path(image: str | Path) -> Path:
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(f"input image {path} does not exist")
+    return path
+
+
 def load_image(image: Image.Image | str | Path) -> torch.Tensor:
     """An RGB image as float32 [3, H, W] in [-1, 1] (the official to_tensor * 2 - 1)."""
     if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"input image {path} does not exist")
-        image = Image.open(path)
+        image = Image.open(_image_path(image))
     arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
     return arr.permute(2, 0, 1).float().div(255).mul(2).sub(1)   # [3, H, W]
 
@@ -131,6 +138,9 @@ class MemoryPlan:
 
     experts_resident: bool   # both DiT experts stay on the device
     text_encoder_resident: bool
+    # umT5 encodes on the CPU (the official --t5_cpu): not even a visit to the device fits beside the
+    # weights held there, as on a 24 GB card with TI2V-5B
+    text_encoder_on_cpu: bool = False
 
 
 def activation_bytes(config, tokens: int) -> int:
@@ -147,16 +157,22 @@ def _on_device(module: nn.Module, device: torch.device) -> bool:
     return next(module.parameters()).device.type == device.type
 
 
+T5_VISIT_SLACK = 2 << 30   # umT5's own working memory for a prompt, and the allocator's
+
+
 def plan_memory(free_bytes: int | None, expert_bytes: int, n_experts: int, t5_bytes: int,
                 vae_bytes: int, activation_bytes: int) -> MemoryPlan:
     """Keep everything on the device when it fits; else keep the experts and let T5 wait on
-    the CPU; else hold only the active expert on the device."""
+    the CPU, visiting the device to encode; else hold only the active expert on the device. T5
+    encodes on the CPU when its visit would not fit beside the weights the device holds then."""
     if free_bytes is None:  # CPU: nothing to move
         return MemoryPlan(True, True)
     experts = expert_bytes * n_experts + vae_bytes + activation_bytes
     if experts + t5_bytes <= free_bytes:
         return MemoryPlan(True, True)
-    return MemoryPlan(experts <= free_bytes, False)
+    resident = experts <= free_bytes
+    held = expert_bytes * (n_experts if resident else 1) + vae_bytes   # while T5 encodes
+    return MemoryPlan(resident, False, held + t5_bytes + T5_VISIT_SLACK > free_bytes)
 
 
 class Denoiser:
@@ -236,8 +252,9 @@ class Denoiser:
         if frame_num < 1 or (frame_num - 1) % spec.vae_stride[0]:
             raise ValueError(f"frame_num={frame_num} is not 4k+1 (allowed: 5, 9, ..., 81, ...)")
         w, h = size
-        if h % 16 or w % 16:
-            raise ValueError(f"size={w}*{h}: width and height must be multiples of 16")
+        multiple = SIZE_MULTIPLE if spec.task == "ti2v" else 16
+        if h % multiple or w % multiple:
+            raise ValueError(f"size={w}*{h}: width and height must be multiples of {multiple}")
         if spec.task == "i2v" and image is None:
             raise ValueError(f"{spec.name} is image-to-video: pass image=")
         if spec.task == "t2v" and image is not None:
@@ -250,6 +267,10 @@ class Denoiser:
             grid = latent_grid(spec, size, frame_num, tuple(img.shape[1:]))
             pixels = (grid.height * spec.vae_stride[1], grid.width * spec.vae_stride[2])
             conditioning = Conditioning("i2v", F.interpolate(img[None], size=pixels, mode="bicubic"))   # [1, 3, H, W]
+        elif spec.task == "ti2v" and image is not None:   # the image sets the aspect ratio, `size` the area
+            first = fit_image(image if isinstance(image, Image.Image) else Image.open(_image_path(image)), w * h)
+            grid = latent_grid(spec, (first.shape[3], first.shape[2]), frame_num)
+            conditioning = Conditioning("ti2v", first)   # [1, 3, H, W]
         else:
             grid = latent_grid(spec, size, frame_num)
             conditioning = Conditioning(spec.task)
@@ -276,11 +297,13 @@ class Denoiser:
         return self._velocity(plan, step, latents, context, *self._run_inputs(plan, y), ranks)
 
     def _run_inputs(self, plan: RunPlan, y: torch.Tensor | None) -> tuple:
-        """What every step of a run reuses: y per row of a forward, and the timesteps on the device."""
+        """What every step of a run reuses: y per row of a forward, and the timesteps on the device ([steps],
+        or [steps, f] for TI2V with an image: its latent frame at t = 0, which is not a DiT input channel)."""
+        timesteps = torch.tensor(plan.steps.timesteps, device=self.device)   # [steps] int64
         if plan.conditioning.task == "ti2v":
-            raise NotImplementedError("TI2V's per-token timesteps are not in the engine's loop yet")
+            return None, timesteps if y is None else frame_timesteps(timesteps, plan.grid.frames)
         rows_y = y.repeat(2, 1, 1, 1, 1) if y is not None and plan.cfg == "batched" else y   # [B, C_y, f, h, w]
-        return rows_y, torch.tensor(plan.steps.timesteps, device=self.device)   # [steps] int64
+        return rows_y, timesteps
 
     def _velocity(self, plan: RunPlan, step: int, latents: torch.Tensor, context: torch.Tensor,
                   rows_y: torch.Tensor | None, timesteps: torch.Tensor,
@@ -299,7 +322,8 @@ class Denoiser:
         elif plan.cfg == "batched":
             # rows (cond, uncond), in the order of `context`
             hook = self.hooks.bind(BlockCall(step, t, name, ("cond", "uncond")))
-            cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), timesteps[step:step + 1].expand(2), context,
+            ts = timesteps[step:step + 1]   # [1] or [1, f]
+            cond, uncond = dit(latents.repeat(2, 1, 1, 1, 1), ts.expand(2, *ts.shape[1:]), context,
                                y=rows_y, block_stack_hook=hook, ulysses=ulysses).chunk(2)   # 2 x [1, 16, f, h, w]
         else:
             preds = {}
@@ -324,8 +348,12 @@ class Denoiser:
             raise ValueError(f"CFG parallelism runs one branch per forward: the plan's cfg must be 'sequential', "
                              f"not {plan.cfg!r}")
         solver = solver_for(s.solver, Schedule(torch.tensor(s.sigmas, dtype=torch.float32),
-                                                torch.tensor(s.timesteps)))   # int64, float32 for lightning
-        latents = plan.noise[None]                                          # [1, 16, f, h, w]
+                                               torch.tensor(s.timesteps)))   # int64, float32 for lightning
+        latents = plan.noise[None]                                          # [1, z, f, h, w]
+        # TI2V with an image: y is the image's latent, latent frame 0 throughout
+        first = y if plan.conditioning.task == "ti2v" else None
+        if first is not None:
+            latents = keep_first_frame(latents, first)
         inputs = self._run_inputs(plan, y)
         step_seconds: list[float] = []
         started = time.perf_counter()
@@ -338,6 +366,8 @@ class Denoiser:
                     raise GenerationCancelled(f"cancelled before step {i + 1}/{s.steps}")
                 t_step = time.perf_counter()
                 latents = solver.step(self._velocity(plan, i, latents, context, *inputs, ranks), latents)
+                if first is not None:
+                    latents = keep_first_frame(latents, first)
                 if callback is not None:
                     self._sync()   # progress reports completed work: one sync per step, after it is queued
                     step_seconds.append(time.perf_counter() - t_step)
@@ -352,7 +382,7 @@ class WanPipeline(Denoiser):
     Build with `load_pipeline`."""
 
     def __init__(self, spec: ModelSpec, experts: dict[str, nn.Module], text_encoder: UMT5Encoder,
-                 tokenizer: PromptTokenizer, vae: WanVAE21, device: torch.device, dtype: torch.dtype,
+                 tokenizer: PromptTokenizer, vae: WanVAE21 | WanVAE22, device: torch.device, dtype: torch.dtype,
                  memory: MemoryPlan, checkpoint_dir: Path):
         super().__init__(spec, experts, device, dtype, memory, checkpoint_dir)
         self.text_encoder = text_encoder
@@ -360,13 +390,14 @@ class WanPipeline(Denoiser):
         self.vae = vae
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length)."""
-        if not self.memory.text_encoder_resident:
+        """[B, L, 4096] zero-padded contexts (zeros past each prompt's length), on the device."""
+        visits = not (self.memory.text_encoder_resident or self.memory.text_encoder_on_cpu)
+        if visits:
             self.text_encoder.to(self.device)
         context, _ = encode_prompts(self.text_encoder, self.tokenizer, prompts)
-        if not self.memory.text_encoder_resident:
+        if visits:
             self.text_encoder.to("cpu")
-        return context
+        return context.to(self.device)
 
     @torch.no_grad()
     def encode_prompt(self, plan: RunPlan, prompt: str, negative_prompt: str = "") -> PromptContext:
@@ -380,10 +411,13 @@ class WanPipeline(Denoiser):
     @torch.no_grad()
     def encode_conditioning(self, plan: RunPlan) -> torch.Tensor | None:
         """The DiT's extra input channels: I2V `y` [1, 20, f, h, w] (first-frame mask | VAE latent of the
-        image, then black frames); None for T2V."""
+        image, then black frames); for TI2V with an image, that image's latent [1, 48, 1, h, w], the first
+        latent frame; None for T2V and text-only TI2V."""
         first = plan.conditioning.image
         if first is None:
             return None
+        if plan.conditioning.task == "ti2v":
+            return self.vae.encode(first[:, :, None].to(self.device, torch.float32))
         h, w = first.shape[-2:]
         clip = torch.cat([first[:, :, None], torch.zeros(1, 3, plan.frame_num - 1, h, w)], dim=2)
         y_lat = self.vae.encode(clip.to(self.device, torch.float32))   # [1, 16, f, h/8, w/8]

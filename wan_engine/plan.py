@@ -110,7 +110,8 @@ def plan_steps(spec: ModelSpec, steps: int | None = None, shift: float | None = 
 class Conditioning:
     """What the video is conditioned on besides the prompt. T2V: nothing. I2V: the first frame, resized to
     the video's pixel grid (float32 [1, 3, H, W] in [-1, 1], on the CPU as the official code resizes it),
-    which the VAE encodes into the DiT's extra input channels. TI2V will put its first-frame latent here."""
+    which the VAE encodes into the DiT's extra input channels. TI2V: nothing (text only), or the image fitted
+    to the requested area (`wan_engine.ti2v.fit_image`, same form), whose latent becomes the first latent frame."""
 
     task: str
     image: torch.Tensor | None = None

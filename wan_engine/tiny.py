@@ -28,16 +28,17 @@ from .configs import (
     LOW_NOISE_DIR,
     MODEL_SPECS,
     T5_FILE,
+    TINY_PRESETS,
     TOKENIZER_DIR,
-    VAE21_FILE,
 )
 from .dit import DiTConfig, WanDiT
 from .t5 import T5Config, UMT5Encoder
 from .vae import WanVAE21
+from .vae22 import WanVAE22
 
 TINY_DIT = dict(dim=64, ffn_dim=128, freq_dim=256, num_heads=2, num_layers=2, text_len=512, eps=1e-6)
 TINY_T5 = T5Config(vocab_size=256, dim=4096, dim_attn=16, dim_ffn=32, num_heads=2, num_layers=2)
-TINY_VAE_DIM = 4
+TINY_VAE_DIM = 4   # the 2.2 VAE's encoder and decoder widths too
 DEFAULT_SEED = 2025
 # bump when what tiny.py writes changes, so stale cache folders are not reused
 FORMAT_VERSION = 1
@@ -108,9 +109,9 @@ def _tokenizer_json() -> dict:
     return json.loads(tok.to_str())
 
 
-def _write_dit(folder: Path, model_type: str, in_dim: int, seed: int) -> None:
-    folder.mkdir(parents=True)
-    cfg = dict(TINY_DIT, model_type=model_type, in_dim=in_dim, out_dim=16)
+def _write_dit(folder: Path, model_type: str, in_dim: int, seed: int, out_dim: int = 16) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = dict(TINY_DIT, model_type=model_type, in_dim=in_dim, out_dim=out_dim)
     dit = randomise_(WanDiT(DiTConfig(**cfg)), seed)
     save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
               str(folder / "diffusion_pytorch_model.safetensors"))
@@ -119,13 +120,18 @@ def _write_dit(folder: Path, model_type: str, in_dim: int, seed: int) -> None:
 
 def _write_tree(root: Path, preset: str, seed: int) -> None:
     spec = MODEL_SPECS[preset]
-    in_dim = 36 if spec.task == "i2v" else 16
-    _write_dit(root / HIGH_NOISE_DIR, spec.task, in_dim, seed + 1)
-    _write_dit(root / LOW_NOISE_DIR, spec.task, in_dim, seed + 2)
+    if spec.task == "ti2v":   # one DiT at the root, 48 latent channels in and out, the 2.2 VAE
+        _write_dit(root, spec.task, spec.z_dim, seed + 1, out_dim=spec.z_dim)
+        vae: nn.Module = WanVAE22(dim=TINY_VAE_DIM, dec_dim=TINY_VAE_DIM)
+    else:
+        in_dim = 36 if spec.task == "i2v" else 16
+        _write_dit(root / HIGH_NOISE_DIR, spec.task, in_dim, seed + 1)
+        _write_dit(root / LOW_NOISE_DIR, spec.task, in_dim, seed + 2)
+        vae = WanVAE21(dim=TINY_VAE_DIM)
     t5 = randomise_(UMT5Encoder(TINY_T5), seed + 3)
     torch.save({k: v.to(torch.bfloat16).contiguous() for k, v in t5.state_dict().items()}, root / T5_FILE)
-    vae = randomise_(WanVAE21(dim=TINY_VAE_DIM), seed + 4)
-    torch.save({k: v.contiguous() for k, v in vae.state_dict().items()}, root / VAE21_FILE)
+    vae = randomise_(vae, seed + 4)
+    torch.save({k: v.contiguous() for k, v in vae.state_dict().items()}, root / spec.vae_file)
     tok_dir = root / TOKENIZER_DIR
     tok_dir.mkdir(parents=True)
     (tok_dir / "tokenizer.json").write_text(json.dumps(_tokenizer_json(), ensure_ascii=False))
@@ -133,8 +139,8 @@ def _write_tree(root: Path, preset: str, seed: int) -> None:
 
 def materialise_tiny(preset: str = "tiny", seed: int = DEFAULT_SEED, cache_dir: Path | None = None) -> Path:
     """The official-layout folder of a tiny preset, written on first use (atomically)."""
-    if preset not in ("tiny", "tiny-i2v"):
-        raise ValueError(f"unknown tiny preset {preset!r}; allowed: 'tiny', 'tiny-i2v'")
+    if preset not in TINY_PRESETS:
+        raise ValueError(f"unknown tiny preset {preset!r}; allowed: {', '.join(TINY_PRESETS)}")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     root = cache_dir / f"{preset}-v{FORMAT_VERSION}-seed{seed}"
     if root.is_dir():

@@ -41,7 +41,7 @@ NUM_WARPS = 4
 
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scale_ptr, sum_ptr, out_ptr,
-                           L, C, stride_gb, stride_gl, stride_mb, stride_ml, eps,
+                           L, C, stride_gb, stride_gl, per_g, stride_mb, stride_ml, per_m, eps,
                            HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, HAS_AFFINE: tl.constexpr,
                            HAS_MOD: tl.constexpr, NORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -51,7 +51,7 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scal
     if HAS_Y:
         y = tl.load(y_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
-            g = (row // L) * stride_gb + (row % L) * stride_gl
+            g = (row // L) * stride_gb + ((row % L) // per_g) * stride_gl
             y = y * tl.load(gate_ptr + g + cols, mask=mask, other=0.0)
         x = x + y
         tl.store(sum_ptr + row * C + cols, x, mask=mask)
@@ -63,20 +63,23 @@ def _add_layer_norm_kernel(x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, shift_ptr, scal
             h = (h * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                  + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32))
         if HAS_MOD:
-            m = (row // L) * stride_mb + (row % L) * stride_ml
+            m = (row // L) * stride_mb + ((row % L) // per_m) * stride_ml
             scale = tl.load(scale_ptr + m + cols, mask=mask, other=0.0)
             shift = tl.load(shift_ptr + m + cols, mask=mask, other=0.0)
             h = h * (1.0 + scale) + shift
         tl.store(out_ptr + row * C + cols, h.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_strides(t: Tensor | None, name: str) -> tuple[int, int]:
-    """Strides (batch, token) of a [B, Lt, C] per-sample (Lt = 1) or per-token row tensor."""
+def _row_strides(t: Tensor | None, name: str, L: int) -> tuple[int, int, int]:
+    """Strides (batch, row) of a [B, Lt, C] row tensor whose rows each hold L / Lt consecutive tokens
+    (Lt 1: per sample; Lt L: per token; in between, e.g. per latent frame), and that token count."""
     if t is None:
-        return 0, 0
+        return 0, 0, 1
     if t.stride(-1) != 1:
         raise ValueError(f"{name} must have contiguous channels")
-    return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
+    if L % t.shape[1]:
+        raise ValueError(f"{name} has {t.shape[1]} rows, which do not split {L} tokens evenly")
+    return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0), L // t.shape[1]
 
 
 def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | None, out: Tensor | None,
@@ -87,14 +90,14 @@ def _launch(x: Tensor, y: Tensor | None, gate: Tensor | None, out_sum: Tensor | 
     B, L, C = x.shape
     if not x.is_contiguous() or (y is not None and not y.is_contiguous()):
         raise ValueError("x and y must be contiguous [B, L, C]")
-    stride_gb, stride_gl = _row_strides(gate, "gate")
-    stride_mb, stride_ml = _row_strides(shift, "shift")
+    stride_gb, stride_gl, per_g = _row_strides(gate, "gate", L)
+    stride_mb, stride_ml, per_m = _row_strides(shift, "shift", L)
     if shift is not None and scale.stride() != shift.stride():
         raise ValueError("shift and scale must be same-strided views")
     block = triton.next_power_of_2(C)
     wrap_triton(_add_layer_norm_kernel)[(B * L,)](
-        x, y, gate, weight, bias, shift, scale, out_sum, out, L, C, stride_gb, stride_gl, stride_mb, stride_ml,
-        eps, HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_AFFINE=weight is not None,
+        x, y, gate, weight, bias, shift, scale, out_sum, out, L, C, stride_gb, stride_gl, per_g, stride_mb,
+        stride_ml, per_m, eps, HAS_Y=y is not None, HAS_GATE=gate is not None, HAS_AFFINE=weight is not None,
         HAS_MOD=shift is not None, NORM=out is not None, BLOCK=block, num_warps=NUM_WARPS)
 
 
@@ -155,8 +158,8 @@ def layer_norm_modulate(x: Tensor, eps: float, out_dtype: torch.dtype, weight: T
                         bias: Tensor | None = None, shift: Tensor | None = None,
                         scale: Tensor | None = None) -> Tensor:
     """LayerNorm of x [B, L, C] float32 in float32 (affine if weight/bias are given), then, if
-    shift/scale [B, Lt, C] float32 (Lt 1 or L) are given, `* (1 + scale) + shift`; written once in
-    out_dtype."""
+    shift/scale [B, Lt, C] float32 (Lt rows of L / Lt consecutive tokens each) are given,
+    `* (1 + scale) + shift`; written once in out_dtype."""
     return _layer_norm_modulate_op(x, eps, out_dtype, weight, bias, shift, scale)
 
 

@@ -201,12 +201,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double H and W (halving channels); with `temporal`, also double every frame after frame 0."""
+    """Double H and W (to `out_dim` channels, default half of `dim` as in the 2.1 VAE); with `temporal`, also
+    double every frame after frame 0."""
 
-    def __init__(self, dim: int, temporal: bool):
+    def __init__(self, dim: int, temporal: bool, out_dim: int | None = None):
         super().__init__()
         self.resample = nn.Sequential(
-            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"), nn.Conv2d(dim, dim // 2, 3, padding=1)
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+            nn.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1),
         )
         # Predicts both output frames of each input frame as two channel groups.
         self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1)) if temporal else None

@@ -122,6 +122,18 @@ def test_groups_keep_a_checkpoint_together(wan_env, tmp_path):
     assert [[e.request.prompt for e in group] for group in groups] == [["p0", "p2"], ["p1", "p3"]]
 
 
+def test_ti2v_entries_with_and_without_an_image_are_two_videos_of_one_group(wan_env, tmp_path):
+    image = tmp_path / "frame.png"
+    Image.new("RGB", (80, 60)).save(image)
+    manifest = _write(tmp_path / "m.yaml", "defaults: {task: tiny-ti2v, frame_count: 5}\nentries:\n"
+                      "  - {prompt: a heron}\n"
+                      f"  - {{prompt: a heron, image: {image}}}\n")
+    text_only, with_image = load_manifest(manifest, profile=NO_GPU)
+    assert (text_only.request.image, with_image.request.image) == (None, str(image))
+    assert entry_key(text_only.request) != entry_key(with_image.request)
+    assert [len(group) for group in plan_groups([text_only, with_image])] == [2]   # one checkpoint loaded once
+
+
 def test_a_bad_entry_fails_the_run_before_any_generation(prefect_server, wan_env, tmp_path):
     state = batch_generate(_write(tmp_path / "m.yaml", BAD_YAML), return_state=True)
     assert state.is_failed() and "line 5: size" in state.message

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import shutil
 
+from PIL import Image
+
 from flows.cli import main
 from patches import bench
 from patches.step_cache import CALIBRATION_FILE, CALIBRATION_FORMAT
@@ -42,3 +44,17 @@ def test_calibrate_saves_next_to_the_checkpoint(tmp_path, capsys):
     entry = data["entries"][-1]
     assert (entry["model"], entry["steps"], entry["size"], entry["frame_num"]) == ("t2v-A14B", 3, [64, 64], 5)
     assert len(entry["magcache"]["ratios"]) == 2 * (3 - 1)  # interleaved cond/uncond from step 1
+
+
+def test_calibrate_keeps_ti2v_text_and_text_image_modes_apart(tmp_path, capsys):
+    checkpoint = tmp_path / "Wan2.2-TI2V-5B"
+    shutil.copytree(ORACLE_DIR / "ti2v-5B-tiny", checkpoint)
+    Image.new("RGB", (80, 60), (200, 40, 10)).save(tmp_path / "first.png")
+    run = ["calibrate", "--checkpoint", str(checkpoint), "--steps", "3", "--size", "64*64", "--frames", "5",
+           "--device", "cpu"]
+    assert main(run) == 0 and main([*run, "--image", str(tmp_path / "first.png")]) == 0
+    out = capsys.readouterr().out
+    assert "ti2v-5B (3 steps, shift 5, unipc, text only)" in out and "unipc, text+image)" in out
+    entries = json.loads((checkpoint / CALIBRATION_FILE).read_text())["entries"]
+    assert [(e["model"], e["image"], e["frame_num"]) for e in entries] == [("ti2v-5B", False, 5), ("ti2v-5B", True, 5)]
+    assert all(len(e["magcache"]["ratios"]) == 2 * (3 - 1) for e in entries)

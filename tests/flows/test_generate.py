@@ -179,7 +179,8 @@ def test_invalid_parameters_fail_the_run_before_any_task(prefect_server, wan_env
 
 def test_flow_parameter_schema_gives_the_ui_dropdowns():
     request = generate_video.parameters.model_dump()["definitions"]["GenerationRequest"]["properties"]
-    assert {"tiny", "t2v-A14B"} <= set(request["task"]["anyOf"][0]["enum"])
+    assert {"tiny", "t2v-A14B", "ti2v-5B", "tiny-ti2v"} <= set(request["task"]["anyOf"][0]["enum"])
+    assert {"1280*720", "1280*704", "704*1280"} <= set(request["size"]["anyOf"][0]["enum"])
     assert request["strategy"]["anyOf"][0]["enum"] == ["auto", "max_speed", "concurrent"]
 
 

@@ -17,6 +17,7 @@ NO_GPU = GpuProfile(source="none", reason="test")
 H100S = read_gpu_profile([SimulatedGpu(name="H100", total_gb=85.5)] * 2)
 L40S = read_gpu_profile([SimulatedGpu(name="L40S", total_gb=48.0)])
 TINY_T2V_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "oracle" / "t2v-A14B-tiny"  # official layout
+TINY_TI2V_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "oracle" / "ti2v-5B-tiny"
 
 
 def _release_folder(parent: Path) -> Path:
@@ -65,6 +66,28 @@ def test_duration_range_by_hardware(wan_env, tmp_path):
     assert "outside 5-21 s" in message
     assert GenerationRequest.for_hardware(H100S, **a14b, size="832*480", duration_s=30).frame_count == 481
     assert "outside 5-33 s" in _error(H100S, **a14b, size="832*480", duration_s=3)
+
+
+def test_ti2v_takes_an_image_or_none_at_24_fps_with_its_durations_by_vram(wan_env, tmp_path, monkeypatch):
+    from tasks.settings import get_settings
+
+    tiny = GenerationRequest.for_hardware(NO_GPU, task="tiny-ti2v", duration_s=2)
+    assert (tiny.image, tiny.frame_count, tiny.steps, tiny.shift) == (None, 49, 10, 5.0)   # 2 s at 24 fps
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny-ti2v", frame_count=5).duration_s == 4 / 24
+    Image.new("RGB", (80, 60)).save(tmp_path / "first.png")
+    assert GenerationRequest.for_hardware(NO_GPU, task="tiny-ti2v", image=str(tmp_path / "first.png")).image
+
+    shutil.copytree(TINY_TI2V_CHECKPOINT, tmp_path / "Wan2.2-TI2V-5B")
+    monkeypatch.setenv("WAN_CHECKPOINT_ROOT", str(tmp_path))
+    get_settings.cache_clear()
+    release = GenerationRequest.for_hardware(L40S, task="ti2v-5B")
+    assert (release.size, release.frame_count, release.steps, release.shift) == ("1280*704", 121, 50, 5.0)
+    assert release.checkpoint == str(tmp_path / "Wan2.2-TI2V-5B") and release.duration_s == 5
+    assert "outside 2-10 s, the range for ti2v-5B at 1280*704" in _error(L40S, task="ti2v-5B", duration_s=15)
+    assert GenerationRequest.for_hardware(H100S, task="ti2v-5B", duration_s=15).frame_count == 361
+    assert "outside 2-20 s" in _error(H100S, task="ti2v-5B", duration_s=25)
+    assert "size: '832*480' is not offered by task 'ti2v-5B'; allowed: 1280*704, 704*1280" in _error(
+        H100S, task="ti2v-5B", size="832*480")
 
 
 def test_frame_count_must_be_4k_plus_1_and_agree_with_duration(wan_env):

@@ -6,9 +6,10 @@ under tests/fixtures/oracle/refs.
 Needs only torch (runs in the project venv or the oracle venv). The committed files keep the
 raw file names and key structure; they differ from the raw files in two ways only:
 
-- The TI2V parts are left out, because the ti2v-5B-tiny checkpoint is not committed:
-  the ``ti2v_*`` cases of a_dit_forward.pt (the last ones, so the other cases keep their
-  indices), ``c_vae.pt["vae2_2"]`` and the whole e_ti2v_loop.pt.
+- The TI2V parts sit in files of their own, so the A14B files keep their content: the
+  ``ti2v_*`` cases of a_dit_forward.pt (the last ones, so the other cases keep their indices)
+  go to a_ti2v_dit_forward.pt, ``c_vae.pt["vae2_2"]`` to c_vae22.pt; e_ti2v_loop.pt keeps its
+  name.
 - Tensors that are bit-identical within one file are stored once (torch.save writes a
   tensor object once however often it is referenced). Examples: the loop runs share
   their context, context_null and noise, ``official_generate`` equals the replica, and
@@ -32,13 +33,14 @@ import torch
 log = logging.getLogger("compact_refs")
 
 COMMITTED = ("a_dit_forward.pt", "b_t5.pt", "c_vae.pt", "d_schedulers.pt", "e_t2v_loop.pt",
-             "e_i2v_loop.pt")
-LEFT_OUT = {
-    "a_dit_forward.pt": "cases whose name starts with 'ti2v' (ti2v_pertoken_t700, ti2v_pertoken_t999, "
-                        "ti2v_scalar_t500)",
-    "c_vae.pt": "vae2_2 (the Wan2.2 VAE lives in the uncommitted ti2v-5B-tiny tree)",
-    "e_ti2v_loop.pt": "whole file (TI2V-5B loops)",
+             "e_i2v_loop.pt", "e_ti2v_loop.pt")
+# committed file -> (raw file it is cut from, what of it)
+SPLIT_OUT = {
+    "a_ti2v_dit_forward.pt": ("a_dit_forward.pt", "cases whose name starts with 'ti2v' (ti2v_pertoken_t700, "
+                              "ti2v_pertoken_t999, ti2v_scalar_t500)"),
+    "c_vae22.pt": ("c_vae.pt", "vae2_2 (the Wan2.2 VAE of the ti2v-5B-tiny tree), at the top level"),
 }
+MOVED = {raw: f"{what}: in {name}" for name, (raw, what) in SPLIT_OUT.items()}
 
 
 def describe(obj):
@@ -57,12 +59,19 @@ def describe(obj):
 
 
 def drop_ti2v(name: str, obj: dict) -> dict:
-    """The raw object of one file without its TI2V parts."""
+    """The raw object of one A14B file without its TI2V parts."""
     if name == "a_dit_forward.pt":
         return dict(obj, cases=[c for c in obj["cases"] if not c["name"].startswith("ti2v")])
     if name == "c_vae.pt":
         return {k: v for k, v in obj.items() if k != "vae2_2"}
     return obj
+
+
+def ti2v_part(name: str, raw: dict) -> dict:
+    """The TI2V part of a raw file, as the committed file `name` holds it."""
+    if name == "a_ti2v_dit_forward.pt":
+        return dict(cases=[c for c in raw["cases"] if c["name"].startswith("ti2v")], note=raw["note"])
+    return dict(raw["vae2_2"], note=raw["note"])
 
 
 def share_identical(obj, canon: dict | None = None):
@@ -95,21 +104,23 @@ def compact_dir(raw: str, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     raw_index = json.load(open(os.path.join(raw, "index.json")))
     files = {}
-    for name in COMMITTED:
-        obj = torch.load(os.path.join(raw, name), weights_only=False)
-        obj = share_identical(drop_ti2v(name, obj))
+    for name in COMMITTED + tuple(SPLIT_OUT):
+        source = SPLIT_OUT[name][0] if name in SPLIT_OUT else name
+        obj = torch.load(os.path.join(raw, source), weights_only=False)
+        obj = share_identical(ti2v_part(name, obj) if name in SPLIT_OUT else drop_ti2v(name, obj))
         path = os.path.join(out, name)
         torch.save(obj, path)
-        raw_bytes = os.path.getsize(os.path.join(raw, name))
+        raw_bytes = os.path.getsize(os.path.join(raw, source))
         files[name] = dict(bytes=os.path.getsize(path), raw_bytes=raw_bytes, sha256=sha256_file(path),
                            content=describe(obj))
         log.info("%s: %.2f MiB (raw %.2f MiB)", name, files[name]["bytes"] / 2**20, raw_bytes / 2**20)
     index = dict(
-        note="Committed oracle references: the raw make_refs.py output without the TI2V parts, "
-             "bit-identical tensors within a file stored once (compact_refs.py). Same file names "
-             "and keys as the raw files; see tests/oracle/README.md.",
+        note="Committed oracle references: the raw make_refs.py output with the TI2V parts of "
+             "a_dit_forward.pt and c_vae.pt in files of their own, bit-identical tensors within a file "
+             "stored once (compact_refs.py). Otherwise the same file names and keys as the raw files; "
+             "see tests/oracle/README.md.",
         made_by="tests/oracle/regenerate.sh (make_fixture.py, make_refs.py, compact_refs.py)",
-        seed=raw_index["seed"], versions=raw_index["versions"], left_out=LEFT_OUT,
+        seed=raw_index["seed"], versions=raw_index["versions"], moved=MOVED,
         total_bytes=sum(f["bytes"] for f in files.values()), files=files)
     with open(os.path.join(out, "index.json"), "w") as f:
         json.dump(index, f, indent=1, ensure_ascii=False)

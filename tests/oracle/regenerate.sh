@@ -9,8 +9,8 @@
 # Environment:
 #   ORACLE_VENV     the oracle venv (default <repo>/.venv-oracle); created when it lacks wan22 2.2.11
 #   ORACLE_THREADS  torch CPU threads for make_refs.py (default 2, as the committed refs were made)
-#   ORACLE_KEEP     if set, a directory that receives the full raw output (fixture with the
-#                   ti2v-5B-tiny tree, raw refs with the TI2V parts); it is replaced
+#   ORACLE_KEEP     if set, a directory that receives the full raw output (the fixture and the
+#                   raw refs before compact_refs.py); it is replaced
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -42,7 +42,7 @@ mkdir "$work/new"
 "$py" tests/oracle/compact_refs.py --raw "$work/raw_refs" --out "$work/new/refs"
 "$py" tests/oracle/make_lora_refs.py --fixture "$work/fixture/t2v-A14B-tiny" --out "$work/new/refs" --threads "$threads"
 # cp -r turns make_fixture's hard links into plain files, as git stores them
-for item in t2v-A14B-tiny i2v-A14B-tiny oracle_fixture.json; do
+for item in t2v-A14B-tiny i2v-A14B-tiny ti2v-5B-tiny oracle_fixture.json; do
     cp -r "$work/fixture/$item" "$work/new/$item"
 done
 
@@ -53,7 +53,7 @@ if [ -n "${ORACLE_KEEP:-}" ]; then
 fi
 
 # replace an item only when its content changed, so an unchanged fixture is left untouched
-for item in t2v-A14B-tiny i2v-A14B-tiny oracle_fixture.json refs; do
+for item in t2v-A14B-tiny i2v-A14B-tiny ti2v-5B-tiny oracle_fixture.json refs; do
     if diff -r "$work/new/$item" "$dest/$item" >/dev/null 2>&1; then
         echo "unchanged: tests/fixtures/oracle/$item"
     else
@@ -64,4 +64,4 @@ for item in t2v-A14B-tiny i2v-A14B-tiny oracle_fixture.json refs; do
         mv "$work/new/$item" "$dest/$item"
     fi
 done
-du -sh "$dest"/refs "$dest"/t2v-A14B-tiny "$dest"/i2v-A14B-tiny
+du -sh "$dest"/refs "$dest"/t2v-A14B-tiny "$dest"/i2v-A14B-tiny "$dest"/ti2v-5B-tiny

@@ -26,6 +26,16 @@ def test_tiny_bench_prints_a_table(capsys, tmp_path):
     assert row["compile_cold_s"] is None  # nothing compiled
 
 
+def test_tiny_ti2v_bench_times_the_text_image_forward_and_a_step_cached_loop(capsys):
+    pipe = bench_pipeline("tiny-ti2v", torch.device("cpu"), torch.float32)
+    t = dit_inputs(pipe, (64, 64), 9)["t"]
+    assert t.tolist() == [[0, 900, 900]]   # one timestep per latent frame, the image's frame at 0
+    assert main(["--model", "tiny-ti2v", "--tiers", "speed", "--step-cache", "magcache", "--repeats", "1",
+                 "--device", "cpu", "--no-warm"]) == 0
+    table = capsys.readouterr().out
+    assert "tiny-ti2v DiT (random weights), 64x64, 5 frames" in table and "ratios published wan2.2/ti2v-5B" in table
+
+
 def test_a_real_size_model_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(bench, "random_dit", lambda *a, **k: pytest.fail("the bench built a model"))

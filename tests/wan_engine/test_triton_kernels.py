@@ -73,15 +73,16 @@ class GraphRecorder:
                 if n.op == "call_function" and str(n.target).startswith("wan_engine.")]
 
 
-@pytest.mark.parametrize("per_token_mod", [False, True])
+@pytest.mark.parametrize("mod_rows", ["sample", "frame", "token"])
 @torch.no_grad()
-def test_kernels_match_the_plain_ops(device, per_token_mod):
+def test_kernels_match_the_plain_ops(device, mod_rows):
     tol = BF16_TOL[device]
     gen = torch.Generator(device=device).manual_seed(0)
-    grid = (2, 6, 8) if device == "cuda" else (1, 4, 4)  # fewer tokens for the (slow) interpreter
+    grid = (2, 6, 8) if device == "cuda" else (2, 2, 4)  # fewer tokens for the (slow) interpreter
     B, L, C, N = 2, grid[0] * grid[1] * grid[2], 5120, 40  # the A14B width and heads
     x = torch.randn(B, L, C, device=device, generator=gen) * 3 + 0.5
-    mod = torch.randn(B, L if per_token_mod else 1, 6, C, device=device, generator=gen)
+    rows = {"sample": 1, "frame": grid[0], "token": L}[mod_rows]   # "frame": TI2V's image frame at t = 0
+    mod = torch.randn(B, rows, 6, C, device=device, generator=gen)
     shift, scale, gate = mod.unbind(2)[:3]
 
     def plain_of(v, shift, scale):
@@ -105,7 +106,7 @@ def test_kernels_match_the_plain_ops(device, per_token_mod):
     assert rel_err(K.rms_norm_rope(q, rms.weight, 1e-6, N), heads) < tol
 
     y = torch.randn(B, L, C, device=device, generator=gen).bfloat16()
-    summed = torch.addcmul(x, y, gate)
+    summed = dit_module.add_gated(x, y, gate)
     s, h = K.add_layer_norm(x, y, gate, 1e-6, torch.bfloat16, shift=shift, scale=scale)
     assert rel_err(s, summed) < 1e-6 and rel_err(h, plain_of(summed, shift, scale).bfloat16()) < tol
     x2 = x.clone()
