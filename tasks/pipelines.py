@@ -113,7 +113,7 @@ class EngineCache:
         applied = self._tiers.get(key)
         if applied is not None and (applied.tier, applied.options) == (run.tier, options):
             if applied.handle.step_cache is not None:
-                applied.handle.step_cache.prepare(run.steps, run.shift, run.solver)
+                applied.handle.step_cache.prepare(run.steps, run.shift, run.solver, image=run.image is not None)
             return pipe, applied.handle
         if applied is not None:
             run_logger().info("removing tier %s from %s on %s before applying %s", applied.tier, run.checkpoint,
