@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from wan_engine import MODEL_SPECS, TINY_PRESETS, Denoiser, ModelSpec
 from wan_engine.dit import DiTConfig
@@ -137,8 +138,9 @@ def bench_pipeline(model: str, device: torch.device, dtype: torch.dtype, experts
 
 
 def dit_inputs(pipe: Denoiser, size: tuple[int, int], frames: int, steps: int | None = None) -> dict:
-    """Random inputs of one branch at the run's shape, from the engine's plan of that run (TI2V: per-token
-    timesteps, frame 0 clean), and the random text and conditioning a sampling loop reads."""
+    """Random inputs of one branch at the run's shape, from the engine's plan of that run (TI2V: text+image mode,
+    one timestep per latent frame, frame 0 clean), and the random text and conditioning a sampling loop reads
+    (TI2V: an image of the run's size, whose latent `first` stands for the VAE's)."""
     cfg = next(iter(pipe.experts.values())).config
     plan = pipe.plan(size=size, frame_num=frames, steps=steps, seed=0)
     gen = torch.Generator(device=pipe.device).manual_seed(0)
@@ -149,7 +151,12 @@ def dit_inputs(pipe: Denoiser, size: tuple[int, int], frames: int, steps: int | 
     if cfg.model_type == "ti2v":   # text+image mode: the first latent frame is the image's, at timestep 0
         t = frame_timesteps(t, grid[0])   # [1, f], as the engine's loop passes it
     context = torch.randn(1, TEXT_TOKENS, cfg.text_dim, generator=gen, device=pipe.device).to(pipe.dtype)
-    return dict(x=plan.noise[None], t=t, context=context, y=y, tokens=tokens, size=size, frames=frames)
+    image = first = None
+    if cfg.model_type == "ti2v":   # an image of the run's size is fitted to that size: the same grid
+        image = Image.new("RGB", tuple(size))
+        first = torch.randn(1, pipe.spec.z_dim, 1, *grid[1:], generator=gen, device=pipe.device)   # [1, z, 1, h, w]
+    return dict(x=plan.noise[None], t=t, context=context, y=y, tokens=tokens, size=size, frames=frames,
+                image=image, first=first)
 
 
 def both_branches(inputs: dict) -> dict:
@@ -165,10 +172,11 @@ def both_branches(inputs: dict) -> dict:
 def sampling_loop(pipe: Denoiser, inputs: dict, steps: int | None, batched: bool) -> float:
     """The engine's own sampling loop over a plan of the run (the tier's hooks see every call, as in a
     real run), with random text contexts. Returns seconds per step."""
-    plan = pipe.plan(size=inputs["size"], frame_num=inputs["frames"], steps=steps, seed=0,
+    plan = pipe.plan(image=inputs["image"], size=inputs["size"], frame_num=inputs["frames"], steps=steps, seed=0,
                      cfg="batched" if batched else "sequential")
     context = both_branches(inputs)["context"]   # [2, Lc, text_dim]: rows cond, uncond
-    return timed(lambda: pipe.sample(plan, context, inputs["y"]), pipe.device) / plan.steps.steps
+    y = inputs["y"] if inputs["first"] is None else inputs["first"]
+    return timed(lambda: pipe.sample(plan, context, y), pipe.device) / plan.steps.steps
 
 
 @contextmanager

@@ -19,6 +19,8 @@ fits the speed-up its README reports (27m09s -> 18m10s):
 Each expert keeps its own state; the dip of the published A14B curves at the expert switch (0.655 T2V,
 0.911 I2V, measured across experts) falls, at 40 steps, on the low-noise phase's first step, which is
 computed anyway.
+TI2V-5B's ratios follow the run's mode: the published text+image curve when the run's conditioning has an
+image, the text-only curve otherwise (a calibration entry likewise only serves runs of its own mode).
 A calibration file next to the checkpoint (patches/calibrate.py) is preferred over the published ratios.
 """
 from __future__ import annotations
@@ -47,8 +49,14 @@ THRESHOLD_RANGE = (0.0, 0.5)
 # (threshold, K, retention_ratio) of the published runs: E006K2R04 (T2V-A14B), E006K2R01 (I2V-A14B),
 # E006K2R02 (TI2V-5B), from the MagCache Wan2.2 README.
 PUBLISHED_DEFAULTS = {"t2v-A14B": (0.06, 2, 0.4), "i2v-A14B": (0.06, 2, 0.1), "ti2v-5B": (0.06, 2, 0.2)}
-# The published ratio curve of each released model (TI2V-5B: its text-to-video curve).
-RATIO_SETS = {"t2v-A14B": "t2v-A14B", "i2v-A14B": "i2v-A14B", "ti2v-5B": "ti2v-5B/t2v"}
+
+
+def ratio_set(model: str, image: bool) -> str:
+    """The published ratio curve of a released model's run: TI2V-5B has one per mode, "ti2v-5B/i2v" calibrated
+    with an image (text+image to video) and "ti2v-5B/t2v" without; each A14B model has one."""
+    if model == "ti2v-5B":
+        return "ti2v-5B/i2v" if image else "ti2v-5B/t2v"
+    return model
 
 
 @dataclass(frozen=True)
@@ -147,13 +155,13 @@ def magcache_schedule(plan: StepPlan, ratios: Sequence[float], threshold: float,
     return SkipSchedule("magcache", plan, compute, batched, settings)
 
 
-def _ratios(pipe, cfg: MagCacheConfig, plan: StepPlan, model: str) -> tuple[list[float], str]:
+def _ratios(pipe, cfg: MagCacheConfig, plan: StepPlan, model: str, image: bool) -> tuple[list[float], str]:
     if cfg.use_calibration:
-        found = find_calibration(pipe.checkpoint_dir, plan)
+        found = find_calibration(pipe.checkpoint_dir, plan, image)
         if found:
             path, entry = found
             return list(entry["magcache"]["ratios"]), f"calibration {path} ({entry['steps']} steps)"
-    figures = cfg.figures or RATIO_SETS[model]
+    figures = cfg.figures or ratio_set(model, image)
     return published_ratios(figures), f"published wan2.2/{figures}"
 
 
@@ -164,8 +172,8 @@ def apply_magcache(pipe, cfg: MagCacheConfig = MagCacheConfig(), *, steps: int |
     model = published_model(pipe.spec)
     threshold, max_skips, retention = cfg.resolve(model)
 
-    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
-        ratios, source = _ratios(pipe, cfg, plan, model)
+    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool, image: bool) -> SkipSchedule:
+        ratios, source = _ratios(pipe, cfg, plan, model, image)
         return magcache_schedule(plan, ratios, threshold, max_skips, retention, batched, source, branches)
 
     return install_step_cache(pipe, build, "magcache", steps, shift, solver)

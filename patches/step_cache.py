@@ -5,7 +5,8 @@ or is replaced by the residual (block-stack output minus input) cached at that b
 step of the same expert; the head runs on every call. On Wan both decisions depend only on the sampling
 settings and on figures known before sampling (TeaCache: the timestep embedding; MagCache: calibrated
 magnitude ratios), so the whole schedule is computed from the run's plan when the run begins (the
-engine's `begin_run(plan)`: its steps, experts and CFG mode). The hook then only looks it up: no
+engine's `begin_run(plan)`: its steps, experts, CFG mode and whether its conditioning has an image, which
+picks TI2V-5B's text-only or text+image figures). The hook then only looks it up: no
 data-dependent branching inside compiled code and no host sync in the step loop.
 
 Separate state per branch and per A14B expert: a new expert's phase always starts with a computed
@@ -182,15 +183,15 @@ class CallRecord:
     computed: bool
 
 
-# (the run's steps, its branches, whether they share one batch) -> the skip schedule
-BuildSchedule = Callable[[StepPlan, tuple[str, ...], bool], SkipSchedule]
+# (the run's steps, its branches, whether they share one batch, whether it has an image) -> the skip schedule
+BuildSchedule = Callable[[StepPlan, tuple[str, ...], bool, bool], SkipSchedule]
 
 
 class StepCacheHandle(RunHook):
     """A step cache registered as a run hook on the pipeline. `begin_run(plan)` takes the schedule of the
-    plan's steps and CFG mode (built once per distinct plan and kept), and starts with no cached residual;
-    `end_run()` drops the residuals. `prepare(steps, shift, solver)` shows the schedule a run with those
-    settings will get, before any run (the tier's summary)."""
+    plan's steps, CFG mode and conditioning (built once per distinct plan and kept), and starts with no cached
+    residual; `end_run()` drops the residuals. `prepare(steps, shift, solver, image)` shows the schedule a run
+    with those settings will get, before any run (the tier's summary)."""
 
     def __init__(self, pipe, build: BuildSchedule, method: str):
         if any(isinstance(h, StepCacheHandle) for h in pipe.hooks):
@@ -198,7 +199,7 @@ class StepCacheHandle(RunHook):
         self._pipe = pipe
         self._build = build
         self.method = method
-        self._schedules: dict[tuple[StepPlan, tuple[str, ...], bool], SkipSchedule] = {}
+        self._schedules: dict[tuple[StepPlan, tuple[str, ...], bool, bool], SkipSchedule] = {}
         self._preview: SkipSchedule | None = None
         self._active: SkipSchedule | None = None
         self._last: SkipSchedule | None = None
@@ -206,17 +207,19 @@ class StepCacheHandle(RunHook):
         self.calls: list[CallRecord] = []   # the model calls of the current (or last) run
         pipe.hooks.register(self)
 
-    def _schedule(self, steps: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
-        key = (steps, branches, batched)
+    def _schedule(self, steps: StepPlan, branches: tuple[str, ...], batched: bool, image: bool) -> SkipSchedule:
+        key = (steps, branches, batched, image)
         if key not in self._schedules:
-            self._schedules[key] = self._build(steps, branches, batched)
+            self._schedules[key] = self._build(steps, branches, batched, image)
         return self._schedules[key]
 
     # ------------------------------------------------------------------ before sampling
-    def prepare(self, steps: int | None = None, shift: float | None = None, solver: str = "unipc") -> SkipSchedule:
+    def prepare(self, steps: int | None = None, shift: float | None = None, solver: str = "unipc",
+                image: bool | None = None) -> SkipSchedule:
         """The schedule of a run with these settings and separate cond/uncond calls (None: the model's
-        defaults), shown by `schedule` until a run begins."""
-        self._preview = self._schedule(plan_steps(self._pipe.spec, steps, shift, solver), BRANCHES, False)
+        defaults; `image` None: an image only for I2V), shown by `schedule` until a run begins."""
+        image = self._pipe.spec.task == "i2v" if image is None else image
+        self._preview = self._schedule(plan_steps(self._pipe.spec, steps, shift, solver), BRANCHES, False, image)
         log.info("step cache for %d steps (shift %g, %s): %s", self._preview.plan.steps, self._preview.plan.shift,
                  solver, self.detail)
         return self._preview
@@ -250,7 +253,8 @@ class StepCacheHandle(RunHook):
 
     # ------------------------------------------------------------------ the run
     def begin_run(self, plan: RunPlan) -> None:
-        self._active = self._schedule(plan.steps, plan.branches, plan.cfg == "batched")
+        self._active = self._schedule(plan.steps, plan.branches, plan.cfg == "batched",
+                                      plan.conditioning.image is not None)
         self._residuals.clear()
         self.calls = []
 

@@ -14,8 +14,11 @@ timestep with the expert's own modules before sampling (two small matmuls per st
 
 Coefficients: no official Wan2.2 set exists. T2V-A14B uses the Wan2.1 T2V-14B polynomial: each A14B
 expert has the Wan2.1-14B architecture (width 5120, 40 blocks, the same time embedding) it was trained
-from; I2V-A14B uses Wan2.1 I2V-14B-720P, as the community wrappers do; TI2V-5B has no fitted set and
-borrows T2V-14B. A calibration run (patches/calibrate.py) fits the polynomial for any checkpoint.
+from; I2V-A14B uses Wan2.1 I2V-14B-720P, as the community wrappers do. TI2V-5B has no published set either (the
+figures we hold, patches/data/teacache_coefficients.json from TeaCache4Wan2.1, have none for it), so it
+borrows T2V-14B in both its modes, a placeholder: its width (3072, 30 blocks) and its 48-channel latent differ
+from the 14B model's. A calibration run (patches/calibrate.py, `wanflow calibrate`) fits the polynomial for any
+checkpoint and mode, and `TeaCacheConfig(use_calibration=True)` prefers it.
 """
 from __future__ import annotations
 
@@ -148,11 +151,11 @@ def teacache_schedule(plan: StepPlan, rel_l1: Sequence[float | None], threshold:
     return SkipSchedule("teacache", plan, compute, batched, settings)
 
 
-def _coefficients(pipe, cfg: TeaCacheConfig, plan: StepPlan) -> tuple[tuple[float, ...], str]:
+def _coefficients(pipe, cfg: TeaCacheConfig, plan: StepPlan, image: bool) -> tuple[tuple[float, ...], str]:
     if cfg.coefficients is not None:
         return tuple(cfg.coefficients), "given"
     if cfg.use_calibration:
-        found = find_calibration(pipe.checkpoint_dir, plan)
+        found = find_calibration(pipe.checkpoint_dir, plan, image)
         fit = found[1]["teacache"][cfg.signal]["coefficients"] if found else None
         if fit:
             return tuple(fit), f"calibration {found[0]}"
@@ -179,8 +182,8 @@ def apply_teacache(pipe, cfg: TeaCacheConfig = TeaCacheConfig(), *, steps: int |
     """Register TeaCache on `pipe`: each run takes its schedule from the run's plan; the sampling settings
     (None: the model's defaults) give the schedule shown before a run. Undo with handle.remove()."""
 
-    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool) -> SkipSchedule:
-        coefficients, source = _coefficients(pipe, cfg, plan)
+    def build(plan: StepPlan, branches: tuple[str, ...], batched: bool, image: bool) -> SkipSchedule:
+        coefficients, source = _coefficients(pipe, cfg, plan, image)
         rel = teacache_rel_l1(pipe.experts, plan, cfg.signal)
         _warn_outside_fit(rel, coefficients, source)
         return teacache_schedule(plan, rel, cfg.threshold, coefficients, cfg.use_ret_steps, batched, source, branches)

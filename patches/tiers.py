@@ -150,8 +150,11 @@ class TierHandle(PatchStack):
         self.applied: list[tuple[str, str]] = []
 
     def summary(self) -> dict:
-        """For run metadata: the tier and every entry with what it did here or why it was off."""
+        """For run metadata: the tier and every entry with what it did here or why it was off (a step cache: the
+        schedule of its current or last run, which follows that run's plan)."""
         applied = dict(self.applied)
+        if self.step_cache is not None:
+            applied[self.step_cache.name] = self.step_cache.detail
         return {"tier": self.tier, "patches": [
             {"name": p.name, "on": p.on, "detail": applied.get(p.name, p.detail)} for p in self.plan]}
 

@@ -124,7 +124,7 @@ class EngineCache:
         applied = self._tiers.get(key)
         if applied is not None and (applied.tier, applied.options) == (run.tier, options):
             if applied.handle.step_cache is not None:
-                applied.handle.step_cache.prepare(run.steps, run.shift, run.solver)
+                applied.handle.step_cache.prepare(run.steps, run.shift, run.solver, image=run.image is not None)
             self._switch_loras(key, pipe, run.loras)
             return pipe, applied.handle
         if applied is not None:

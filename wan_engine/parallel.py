@@ -319,7 +319,7 @@ def _agreed_plan(pipe: WanPipeline, job: JobGroup, parallel: ParallelPlan, **pla
 def _shared_inputs(pipe: WanPipeline, job: JobGroup, plan: RunPlan, prompt: str,
                    negative_prompt: str) -> tuple[PromptContext | None, torch.Tensor, torch.Tensor | None]:
     """The prompt and the image, encoded once on rank 0 and sent to every rank: (rank 0's PromptContext, else
-    None; the context rows [rows, Lc, 4096]; I2V's y [1, C_y, f, h, w] or None)."""
+    None; the context rows [rows, Lc, 4096]; I2V's y [1, C_y, f, h, w], TI2V's [1, 48, 1, h, w] or None)."""
     lead, device = job.rank == 0, pipe.device
     dit_config = next(iter(pipe.experts.values())).config
     text = pipe.encode_prompt(plan, prompt, negative_prompt) if lead else None
@@ -328,7 +328,10 @@ def _shared_inputs(pipe: WanPipeline, job: JobGroup, plan: RunPlan, prompt: str,
                                                                device=device, dtype=pipe.dtype), job.group)
     y = None
     if plan.conditioning.image is not None:
-        y_shape = (1, dit_config.in_dim - pipe.spec.z_dim, *plan.grid.shape)
+        if plan.conditioning.task == "ti2v":   # the image's latent, the first latent frame
+            y_shape = (1, pipe.spec.z_dim, 1, *plan.grid.shape[1:])
+        else:                                  # I2V's extra input channels over the whole grid
+            y_shape = (1, dit_config.in_dim - pipe.spec.z_dim, *plan.grid.shape)
         y = _broadcast(pipe.encode_conditioning(plan) if lead else torch.zeros(y_shape, device=device), job.group)
     pipe._sync()
     return text, context, y

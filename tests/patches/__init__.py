@@ -1,4 +1,4 @@
-"""Tests of the performance patches. `tiny_pipeline()` loads the tiny preset once per test process, from a
+"""Tests of the performance patches. `tiny_pipeline(preset)` loads a tiny preset once per test process, from a
 private cache folder, so a calibration file written elsewhere never changes what these tests see."""
 from __future__ import annotations
 
@@ -11,21 +11,15 @@ import pytest
 import torch
 
 import wan_engine
-from wan_engine import ModelSpec
-
-# TI2V-5B as released (one DiT, no preset yet): what its step-cache schedules are planned from
-TI2V_SPEC = ModelSpec(name="ti2v-5B", task="ti2v", experts=(".",), vae_file="Wan2.2_VAE.pth",
-                      sizes=((1280, 704), (704, 1280)), fps=24, steps=50, shift=5.0, guide_scale=(5.0, 5.0),
-                      boundary=None, frame_num=121, vae_stride=(4, 16, 16), z_dim=48)
 
 
 @cache
-def tiny_pipeline() -> wan_engine.WanPipeline:
+def tiny_pipeline(preset: str = "tiny") -> wan_engine.WanPipeline:
     folder = tempfile.mkdtemp(prefix="wanflow-patches-tests-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WAN_CACHE_DIR", folder)
-        return wan_engine.load_pipeline("tiny", dtype=torch.float32)
+        return wan_engine.load_pipeline(preset, dtype=torch.float32)
 
 
 def generate(pipe) -> torch.Tensor:

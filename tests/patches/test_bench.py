@@ -33,7 +33,8 @@ def test_tiny_ti2v_bench_times_the_text_image_forward_and_a_step_cached_loop(cap
     assert main(["--model", "tiny-ti2v", "--tiers", "speed", "--step-cache", "magcache", "--repeats", "1",
                  "--device", "cpu", "--no-warm"]) == 0
     table = capsys.readouterr().out
-    assert "tiny-ti2v DiT (random weights), 64x64, 5 frames" in table and "ratios published wan2.2/ti2v-5B" in table
+    assert "tiny-ti2v DiT (random weights), 64x64, 5 frames" in table
+    assert "ratios published wan2.2/ti2v-5B/i2v" in table   # the loop runs the text+image mode, as the forward
 
 
 def test_a_real_size_model_without_a_gpu_is_refused_in_one_line(monkeypatch, capsys):

@@ -1,20 +1,26 @@
 """MagCache schedules: the published rule on the published Wan2.2 figures, resampling and the retention windows."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from patches.calibrate import calibrate
 from patches.magcache import (
     PUBLISHED_DEFAULTS,
     MagCacheConfig,
+    apply_magcache,
     branch_ratios,
     magcache_schedule,
     published_ratios,
     resample_nearest,
 )
 from patches.step_cache import BRANCHES
-from tests.patches import TI2V_SPEC
+from tests.patches import tiny_pipeline
 from wan_engine import MODEL_SPECS, plan_steps
+from wan_engine.hooks import HookRegistry
 
 # T2V-A14B, 40 steps, shift 12, the published E006K2R04 (threshold 0.06, K 2, retention 0.4), by hand:
 # - steps 0-25 are high-noise (t >= 875), so split = 26; retention: high-noise steps < int(26 * 0.4) = 10,
@@ -85,11 +91,46 @@ def test_single_expert_schedule_matches_the_published_loop(steps, threshold, k, 
     """TI2V-5B's published curve (50 steps, one DiT): identical decisions, call by call, at its own
     step count and resampled; retention counted in model calls can split a step between branches."""
     ratios = published_ratios("ti2v-5B/t2v")
-    plan = plan_steps(TI2V_SPEC, steps, 5.0)
+    plan = plan_steps(MODEL_SPECS["ti2v-5B"], steps, 5.0)
     schedule = magcache_schedule(plan, ratios, threshold, k, retention)
     ours = [schedule.compute[b][i] for i in range(steps) for b in BRANCHES]
     assert ours == _upstream_single_expert(ratios, steps, threshold, k, retention)
     assert 0 < schedule.counts()["skipped"] < 2 * steps
+
+
+def test_ti2v_runs_take_the_figures_of_their_mode(tmp_path):
+    """Text+image runs of TI2V-5B take its published i2v curve, text-only runs its t2v curve (at 20 steps the
+    two schedules differ); a calibration serves only runs of the mode it was recorded in."""
+    pipe = copy.copy(tiny_pipeline("tiny-ti2v"))
+    pipe.checkpoint_dir, pipe.hooks = tmp_path, HookRegistry()
+    image = tmp_path / "first.png"
+    Image.new("RGB", (80, 60), (30, 120, 200)).save(image)
+
+    def run(image=None, steps=20):
+        pipe.generate("a heron", image=image, size=(64, 64), frame_num=5, steps=steps, seed=0, decode=False)
+        return handle.schedule
+
+    handle = apply_magcache(pipe, steps=20)
+    try:
+        assert handle.schedule.settings["ratios"] == "published wan2.2/ti2v-5B/t2v"   # before a run: text only
+        plan = plan_steps(pipe.spec, 20)
+        for given, figures in ((None, "ti2v-5B/t2v"), (image, "ti2v-5B/i2v")):
+            schedule = run(given)
+            expected = magcache_schedule(plan, published_ratios(figures), *PUBLISHED_DEFAULTS["ti2v-5B"],
+                                         batched=schedule.batched)
+            assert schedule.settings["ratios"] == f"published wan2.2/{figures}"
+            assert schedule.compute == expected.compute and handle.calls
+        assert run(None).compute != run(image).compute
+    finally:
+        handle.remove()
+
+    calibrate(pipe, "a heron", steps=3, size=(64, 64), frame_num=5, seed=0)   # text only
+    handle = apply_magcache(pipe, steps=3)
+    try:
+        assert run(None, steps=3).settings["ratios"].startswith("calibration ")
+        assert run(image, steps=3).settings["ratios"] == "published wan2.2/ti2v-5B/i2v"
+    finally:
+        handle.remove()
 
 
 def test_nearest_neighbour_resampling():

@@ -38,7 +38,7 @@ def _plan(steps: int = 4, cfg: str = "sequential"):
 def _handle(pipe, compute) -> StepCacheHandle:
     """A handle whose schedule is `compute`: branch -> flags per step, or a function of the steps giving them."""
 
-    def build(steps, branches, batched):
+    def build(steps, branches, batched, image):
         flags = compute(steps) if callable(compute) else compute
         return SkipSchedule("test", steps, {b: flags[b] for b in branches}, batched, {})
 

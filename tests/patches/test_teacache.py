@@ -14,7 +14,7 @@ from patches.teacache import (
     teacache_rel_l1,
     teacache_schedule,
 )
-from tests.patches import TI2V_SPEC, tiny_pipeline
+from tests.patches import tiny_pipeline
 from wan_engine import MODEL_SPECS, plan_steps
 
 
@@ -71,7 +71,7 @@ def test_the_signal_is_what_the_model_modulates_with():
 @pytest.mark.parametrize("threshold", [0.05, 0.2, 0.5])
 def test_single_expert_schedule_matches_the_published_loop(use_ret_steps, threshold):
     steps = 50
-    plan = plan_steps(TI2V_SPEC, steps, 5.0)
+    plan = plan_steps(MODEL_SPECS["ti2v-5B"], steps, 5.0)
     rng = np.random.default_rng(0)
     rel = [None, *rng.uniform(0.005, 0.08, steps - 1).tolist()]
     coefficients = published_coefficients("t2v-A14B", "e0" if use_ret_steps else "e")

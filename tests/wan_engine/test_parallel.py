@@ -1,4 +1,4 @@
-"""One job on two CPU processes (gloo, float32, the tiny T2V and I2V checkpoints) against the one-process loop.
+"""One job on two CPU processes (gloo, float32, the tiny T2V, I2V and TI2V checkpoints) against the one-process loop.
 
 Spawning costs seconds on a small machine, so one spawned job of two ranks runs every check in turn and rank 0
 saves what it made; the checks end with a rank that raises mid-run, which must fail both ranks quickly."""
@@ -32,6 +32,9 @@ FAILING_JOB_TIMEOUT = datetime.timedelta(seconds=5)
 SPAWN_LIMIT_S = 300
 T2V = dict(prompt="a red fox in the snow", negative_prompt="blurry", size=(48, 48), frame_num=9, steps=4, seed=3)
 I2V = dict(prompt="a boat on a lake", size=(48, 32), frame_num=5, steps=3, seed=4)
+# TI2V at 96x32 (a 3:1 image keeps that size), 9 frames: 3 latent frames of 3 tokens, so a rank's tokens start
+# inside a frame, and the image's frame (t = 0) has modulation rows of its own
+TI2V = dict(prompt="a heron on a pier", size=(96, 32), frame_num=9, steps=3, seed=5)
 TEACACHE = dict(steps=8, config=TeaCacheConfig(threshold=0.2, use_ret_steps=False))
 # name -> (checkpoint, run arguments, parallel plan); T2V at 48x48, 9 frames: 27 tokens, an uneven split on 2
 CHECKS = {
@@ -40,20 +43,25 @@ CHECKS = {
     "t2v_unguided_ulysses": ("t2v", {**T2V, "guide_scale": 1.0}, ParallelPlan(2, 1)),
     "i2v_ulysses": ("i2v", I2V, ParallelPlan(2, 1)),
     "i2v_cfg": ("i2v", I2V, ParallelPlan(1, 2)),
+    "ti2v_image_ulysses": ("ti2v", TI2V, ParallelPlan(2, 1)),
+    "ti2v_image_cfg": ("ti2v", TI2V, ParallelPlan(1, 2)),
+    "ti2v_text_ulysses": ("ti2v", {**TI2V, "image": None}, ParallelPlan(2, 1)),
 }
+FOLDERS = {"t2v": "t2v-A14B-tiny", "i2v": "i2v-A14B-tiny", "ti2v": "ti2v-5B-tiny"}
 
 
-def _image() -> Image.Image:
-    gradient = np.linspace(0, 255, 40 * 56 * 3).reshape(40, 56, 3).astype(np.uint8)
+def _image(task: str) -> Image.Image:
+    h, w = (30, 90) if task == "ti2v" else (40, 56)
+    gradient = np.linspace(0, 255, h * w * 3).reshape(h, w, 3).astype(np.uint8)
     return Image.fromarray(gradient)
 
 
 def _run_args(task: str, args: dict) -> dict:
-    return {**args, "image": _image()} if task == "i2v" else dict(args)
+    return {"image": _image(task), **args} if task in ("i2v", "ti2v") else dict(args)
 
 
 def _load(task: str):
-    return wan_engine.load_pipeline(ORACLE_DIR / f"{task}-A14B-tiny", device="cpu", dtype=torch.float32)
+    return wan_engine.load_pipeline(ORACLE_DIR / FOLDERS[task], device="cpu", dtype=torch.float32)
 
 
 class _RaiseAtStep(RunHook):
@@ -85,7 +93,7 @@ def _rank_main(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0, timeout=JOB_TIMEOUT)
     job = init_job_group(rank, 2, store, "gloo", JOB_TIMEOUT)
-    pipes = {"t2v": _load("t2v"), "i2v": _load("i2v")}
+    pipes = {task: _load(task) for task in FOLDERS}
     results = {"per_token_t": _per_token_forwards(pipes["t2v"], Ulysses.of(job.group))}
     for name, (task, args, parallel) in CHECKS.items():
         results[name] = run_rank(pipes[task], job, parallel, **_run_args(task, args), decode=name == "t2v_ulysses")
@@ -215,7 +223,7 @@ def results(job) -> dict:
 
 @pytest.fixture(scope="module")
 def pipes() -> dict:
-    return {"t2v": _load("t2v"), "i2v": _load("i2v")}
+    return {task: _load(task) for task in FOLDERS}
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
