@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from wan_engine.dit import load_triton_kernels
+
 from . import torch_internals
 from .base import PatchStack, keep_attr, keep_setting, set_env
 from .precompiled import PrecompiledBlocks, warn_once
@@ -145,6 +147,8 @@ def apply_compile(pipe, cfg: CompileConfig | None = None) -> CompileHandle:
     docstring); `remove()` makes them eager again."""
     cfg = cfg or CompileConfig()
     blocks = list(pipe.repeated_blocks())
+    if blocks and next(blocks[0].parameters()).device.type == "cuda":
+        load_triton_kernels()  # before tracing: a trace does not import them, and its graph keeps what it saw
     undo = PatchStack("compile")
     cache_dir = None
     if cfg.backend == "inductor":

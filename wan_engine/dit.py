@@ -35,11 +35,24 @@ from torch import Tensor, nn
 
 from .ulysses import SequenceShard, Ulysses
 
-# Whether Triton is installed: a fact of the install, not a switch (the option is each model's `triton`).
-try:  # the CUDA fast path; the CPU path never needs Triton
-    from . import triton_kernels
-except ImportError:
-    triton_kernels = None
+# The Triton kernels (the CUDA fast path; the CPU path never needs them), imported by `load_triton_kernels` on
+# the first CUDA forward or by the compile patch: registering them imports torch's inductor, seconds that a
+# process building no CUDA model (a flow run whose GPU work a resident engine does) should not pay.
+# None until then, and for good where Triton is not installed.
+triton_kernels = None
+
+
+def load_triton_kernels() -> bool:
+    """Import the Triton kernels if Triton is installed; whether they are there (a fact of the install, not a
+    switch: the option is each model's `triton`)."""
+    global triton_kernels
+    if triton_kernels is None:
+        try:
+            from . import triton_kernels as kernels
+        except ImportError:
+            return False
+        triton_kernels = kernels
+    return True
 
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 ROPE_THETA = 10000.0
@@ -129,7 +142,11 @@ def add_gated(x: Tensor, y: Tensor, gate: Tensor, inplace: bool = False) -> Tens
 def use_triton(x: Tensor, weight: Tensor) -> bool:
     """Whether the Triton kernels can take this call: installed, CUDA and 16-bit weights, eager or compiled.
     A block takes them when its `triton` option is also on."""
-    return triton_kernels is not None and x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+    if not (x.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if triton_kernels is None and not torch.compiler.is_compiling():  # a compiled block's patch loaded them first
+        load_triton_kernels()
+    return triton_kernels is not None
 
 
 def timestep_sinusoid(t: Tensor, dim: int) -> Tensor:

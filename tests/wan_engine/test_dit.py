@@ -143,7 +143,7 @@ def test_cpu_and_fp32_never_take_the_triton_path():
     assert not dit_module.use_triton(x.bfloat16(), torch.zeros(8, dtype=torch.bfloat16))
 
 
-needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or dit_module.triton_kernels is None,
+needs_triton = pytest.mark.skipif(not torch.cuda.is_available() or not dit_module.load_triton_kernels(),
                                   reason="needs a CUDA GPU and Triton")
 
 
