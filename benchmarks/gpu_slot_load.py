@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from local_service import overlaps  # noqa: E402
+
 from deployments.processes import free_port, stop_process_group  # noqa: E402
 
 WANFLOW = [sys.executable, "-m", "flows.cli"]
@@ -112,22 +114,6 @@ def run_load(api: str, args: argparse.Namespace, outputs: Path) -> dict:
     records = [json.loads(p.read_text()) for p in outputs.glob("*/*/metadata.json")]
     records = {record["run_id"]: record for record in records}
     return {"runs": runs, "states": states, "records": records, "elapsed": elapsed, "slots_left": left}
-
-
-def overlaps(records: dict) -> list[tuple[str, str, str]]:
-    """Pairs of runs whose recorded holds of one GPU intersect: (tag, run a, run b)."""
-    holds: dict[str, list[tuple[float, float, str]]] = {}
-    for run_id, record in records.items():
-        hold = record["gpu_hold"]
-        for gpu in record["gpus"]:
-            holds.setdefault(gpu["tag"], []).append((hold["acquired_unix"], hold["released_unix"], run_id))
-    found = []
-    for tag, spans in holds.items():
-        spans.sort()
-        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
-            if start < end:
-                found.append((tag, a, b))
-    return found
 
 
 def print_report(report: dict, args: argparse.Namespace) -> None:
