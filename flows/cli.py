@@ -1,7 +1,8 @@
 """`wanflow`: the command line of the generate flow.
 
     wanflow demo                      the tiny preset end to end; prints where the video is
-    wanflow generate --prompt ...     any request (every GenerationRequest field is an option)
+    wanflow generate --prompt ...     any request (every GenerationRequest field is an option; --lora
+                                      NAME_OR_PATH[:STRENGTH[:EXPERT]] repeated, --distilled)
     wanflow gpus [--json]             the GPUs this host has, as the flow sees them
     wanflow patches                   what each performance tier applies on this machine, and why not
     wanflow bench --model t2v-A14B    seconds per step, MFU and peak memory per tier (random weights)
@@ -23,12 +24,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from flows.request import GenerationRequest, problems
+from flows.request import GenerationRequest, LoraRequest, problems
 from tasks.settings import get_settings
 from wan_engine.sizes import Size
 
 DEMO_PROMPT = "a paper boat drifting down a rain-soaked street, soft morning light"
 CALIBRATION_PROMPT = "a woman walking along a beach at sunset, waves rolling in, the camera slowly tracking her"
+LORA_FORM = "NAME_OR_PATH[:STRENGTH[:EXPERT]]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         fields = {"task": "tiny", "prompt": args.prompt, "duration_s": 2.0}
     else:
         fields = {k: v for k, v in vars(args).items() if k in GenerationRequest.model_fields and v is not None}
+        try:
+            fields["loras"] = [parse_lora(spec) for spec in args.lora or []]
+        except ValueError as exc:
+            print(f"invalid --lora {exc}", file=sys.stderr)
+            return 2
     try:
         request = GenerationRequest(**fields)
     except ValidationError as exc:
@@ -67,10 +74,41 @@ def main(argv: list[str] | None = None) -> int:
 
 def _add_request_options(parser: argparse.ArgumentParser) -> None:
     for name, field in GenerationRequest.model_fields.items():
+        if name in ("loras", "distilled"):  # a repeated option of its own form, a flag
+            continue
         kind, choices = _option_type(field.annotation)
         # a video of a built-in prompt is never what a user meant: `generate` asks for one
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
                             help=field.description, required=name == "prompt")
+    parser.add_argument("--lora", action="append", metavar=LORA_FORM,
+                        help="a LoRA by name in WAN_LORA_DIR or by path inside WAN_INPUT_ROOTS, STRENGTH 0-2 (default "
+                             "1), EXPERT both, high or low (default both; STRENGTH may be left empty: style::high); "
+                             "repeat it to stack LoRAs in order")
+    parser.add_argument("--distilled", action="store_true", default=None,
+                        help=GenerationRequest.model_fields["distilled"].description)
+
+
+def parse_lora(spec: str) -> dict[str, Any]:
+    """`NAME_OR_PATH[:STRENGTH[:EXPERT]]` as the fields of a request's LoRA (a path holding ':' takes both STRENGTH
+    and EXPERT); a ValueError naming the option's value and what is wrong with it."""
+    experts = typing.get_args(LoraRequest.model_fields["expert"].annotation)
+    form = (f"the form is {LORA_FORM}, STRENGTH 0-2 (default 1), EXPERT {', '.join(experts[:-1])} or {experts[-1]} "
+            f"(default {experts[0]})")
+    file, *rest = spec.rsplit(":", 2)
+    strength, expert = (rest + ["", ""])[:2]
+    if not file:
+        raise ValueError(f"{spec!r}: NAME_OR_PATH is empty; {form}")
+    lora: dict[str, Any] = {"file": file}
+    if strength:
+        try:
+            lora["strength"] = float(strength)
+        except ValueError:
+            raise ValueError(f"{spec!r}: STRENGTH {strength!r} is not a number; {form}") from None
+    if expert:
+        if expert not in experts:
+            raise ValueError(f"{spec!r}: EXPERT {expert!r} is not {', '.join(experts[:-1])} or {experts[-1]}; {form}")
+        lora["expert"] = expert
+    return lora
 
 
 def _option_type(annotation: Any) -> tuple[Any, list | None]:

@@ -83,18 +83,18 @@ class _ArtifactDom(HTMLParser):
             self.texts[tag][-1] += data
 
 
-def _get(url: str, body: dict | None = None):
+def get_json(url: str, body: dict | None = None):
     request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
-def _wait_healthy(api: str, server: subprocess.Popen, timeout: float = 180) -> None:
+def wait_healthy(api: str, server: subprocess.Popen, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            _get(f"{api}/health")
+            get_json(f"{api}/health")
             return
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
@@ -147,12 +147,12 @@ def check(workdir: Path, output_dir: Path, screenshot: bool = True) -> dict:
                                    "--port", str(port), "--no-services"], env={**env, "PREFECT_UI_API_URL": api},
                                   cwd=workdir, stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(api, server)
+        wait_healthy(api, server)
         log.info("generating on %s with the prompt %r", api, PROMPT)
         subprocess.run([sys.executable, "-m", "flows.generate", json.dumps(REQUEST)], cwd=workdir, check=True,
                        env={**env, "PREFECT_API_URL": api, "WAN_OUTPUTS_DIR": str(outputs)}, timeout=600)
         [video] = outputs.glob("*/*/video.mp4")
-        [artifact] = _get(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["generated-video"]}}})
+        [artifact] = get_json(f"{api}/artifacts/filter", {"artifacts": {"key": {"any_": ["generated-video"]}}})
         url = f"http://127.0.0.1:{port}/artifacts/artifact/{artifact['id']}"
         log.info("loading %s in Chromium", url)
         output_dir.mkdir(parents=True, exist_ok=True)

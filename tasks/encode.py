@@ -3,7 +3,8 @@
 The MP4 is yuv420p (plays everywhere) at the task's frame rate, written straight into a staging
 folder under the outputs folder (the decode runs on the resident engine worker of the run's GPU when
 `wanflow worker` keeps one) (tasks/staging.py), which `publish` renames into place: a run
-killed while encoding leaves its file only where the next publish sweeps it.
+killed while encoding leaves its file only where the next publish sweeps it. The same frames
+become the small animated preview that the run's page shows (tasks/preview.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.engine_channel import Job, call, resident_tag
 from tasks.gpu_phase import run_decode
 from tasks.pipelines import EngineCache, process_engines
+from tasks.preview import preview_webp
 from tasks.runs import RunDescription
 from tasks.settings import get_settings
 from tasks.staging import new_staging_folder
@@ -39,6 +41,7 @@ class EncodedVideo:
     fps: int
     decode_s: float
     write_s: float
+    preview: bytes = b""  # an animated WEBP of the frames (tasks/preview.py); empty: none
 
 
 def write_mp4(frames: np.ndarray | torch.Tensor, path: Path, fps: int) -> None:
@@ -87,8 +90,10 @@ def encode(latents: torch.Tensor, run: RunDescription, outputs_dir: str,
     decoded = time.perf_counter()
     path = write_staged_mp4(frames, Path(outputs_dir).resolve(), run.fps)
     written = time.perf_counter()
+    preview = preview_webp(frames, run.fps)
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s", count, width, height,
-                decoded - start, run.fps, written - decoded)
+    logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s, a %d KB preview in %.2f s",
+                count, width, height, decoded - start, run.fps, written - decoded, len(preview) // 1000,
+                time.perf_counter() - written)
     return EncodedVideo(path=path, frames=count, width=width, height=height, fps=run.fps,
-                        decode_s=decoded - start, write_s=written - decoded)
+                        decode_s=decoded - start, write_s=written - decoded, preview=preview)

@@ -29,6 +29,7 @@ from prefect.context import FlowRunContext
 from tasks.encode import EncodedVideo
 from tasks.gpu_phase import Denoised
 from tasks.markdown import code, literal
+from tasks.preview import preview_markdown
 from tasks.runs import RunDescription
 from tasks.staging import STAGING, sweep_dead_staging
 from tasks.warmup import WarmUp
@@ -136,19 +137,25 @@ def publish(run: RunDescription, denoised: Denoised, video: EncodedVideo, output
     published = Published(folder=folder, video=folder / "video.mp4", metadata=folder / "metadata.json",
                           seed=denoised.seed)
     if flow_run:  # the artifacts belong on the run's page; outside a flow run there is none
-        _describe(published, record)
+        _describe(published, record, video.preview)
     get_run_logger().info("published %s", published.video)
     return published
 
 
-def _describe(published: Published, record: dict) -> None:
+def _describe(published: Published, record: dict, preview: bytes) -> None:
     create_markdown_artifact(describe_markdown(published, record), key="generated-video",
-                             description="The published video")
+                             description=artifact_description(preview))
     rows = [{"phase": k, "seconds": v, "block stack": ""} for k, v in record["timings_s"].items()]
     rows += [{"phase": f"step {i + 1}", "seconds": s, "block stack": what}
              for i, (s, what) in enumerate(zip(record["step_seconds"], record["block_stack_per_step"], strict=True))]
     create_table_artifact(rows, key="generation-timings", description="Seconds per phase and per denoising step")
     create_link_artifact(published.video.as_uri(), link_text="video.mp4", key="video-file")
+
+
+def artifact_description(preview: bytes) -> str:
+    """The video's artifact description: its preview first, because a run page's artifact card shows (as
+    markdown) only the first line of a description, and the artifact's page shows it above the text."""
+    return f"{preview_markdown(preview)}\n\nThe published video" if preview else "The published video"
 
 
 def describe_markdown(published: Published, record: dict) -> str:

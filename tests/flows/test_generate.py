@@ -1,6 +1,8 @@
 """The generate-video flow on the tiny preset: six visible tasks, a playable MP4, its record, artifacts."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import uuid
@@ -101,6 +103,10 @@ def test_tiny_generation_end_to_end(prefect_server, wan_env):
     assert by_key["generated-video"].type == "markdown" and str(published.video) in by_key["generated-video"].data
     assert by_key["generation-timings"].type == "table"
     assert published.video.as_uri() in by_key["video-file"].data  # a link artifact
+    preview, text = by_key["generated-video"].description.split("\n\n")  # the run page's card shows line one
+    assert preview.startswith("![preview of the video](data:image/webp;base64,") and text == "The published video"
+    image = Image.open(io.BytesIO(base64.b64decode(preview.removesuffix(")").split(",", 1)[1])))
+    assert (image.format, image.size, image.n_frames) == ("WEBP", (96, 64), 3)  # 5 frames at 16 fps: 8 fps
 
 
 @pytest.mark.parametrize("strategy", ["max_speed", "auto"])
