@@ -1,8 +1,9 @@
 """Where a LoRA switch's seconds go, counted on the CPU: bytes, tensor ops and Python per module.
 
 A switch (LoRA set A -> B, one file per expert) is read, checked, the applied set removed and the new one
-applied, exactly as a resident engine does (patches.lora). This script runs it on the CPU with real-size A14B
-blocks (dim 5120, FFN 13824) but only `--blocks` of them per expert, and counts per phase:
+applied, or an unmerged set swapped inside its hooks (counted as apply), as a resident engine does
+(patches.lora). This script runs it on the CPU with real-size A14B blocks (dim 5120, FFN 13824) but only
+`--blocks` of them per expert, and counts per phase:
 - file: bytes of LoRA files read (tensors and sha256) and the seconds that took;
 - tensors: every aten op is recorded (a TorchDispatchMode): the `_to_copy`/`copy_` calls that move LoRA tensors
   (on a GPU each is a host->device copy, a stall when the source is pageable) and the bytes they move, the
@@ -28,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch.fx.experimental._config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -86,9 +88,10 @@ def switch(pipe, sets, merge: bool, rounds: int) -> list[dict]:
             with counter:
                 if phase == "read":
                     files = {c.path: f for c, f in zip(loras, read_and_check(pipe, loras), strict=True)}
-                elif phase == "remove" and handle is not None:
+                elif phase == "remove" and handle is not None and not handle.swappable(LoraConfig(loras, merge)):
                     handle.remove()
-                elif phase == "apply":
+                    handle = None
+                elif phase == "apply" and (handle is None or not handle.swap(pipe, LoraConfig(loras, merge), files)):
                     handle = apply_loras(pipe, LoraConfig(loras, merge=merge), files)
             rec[phase] = dict(s=time.perf_counter() - started, ops=sum(counter.calls.values()),
                               moves=counter.calls["_to_copy"] + counter.calls["copy_"],
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(2):   # the same LoRAs for the full meta experts: pairs on all 40 blocks
             full_sets.append(tuple(LoraChoice(str(write_lora(tmp / f"m{s}-{e}.safetensors", meta.experts[
                 f"{e}_noise"], 1, seed=10 * s + j)), 1.0, e) for j, e in enumerate(("high", "low"))))
+        # nonzero has no data on meta: let it answer "all" there (the Python timing only; that takes the dense
+        # fallback, one clone instead of a few small ops)
+        torch.fx.experimental._config.meta_nonzero_assume_all_nonzero = True
         rows = []
         for merge in (True, False):
             mode = "merged" if merge else "unmerged"

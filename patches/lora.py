@@ -67,11 +67,15 @@ class LoraHandle(PatchStack):
                      rank=f.rank, layout=f.layout, mode=self.config.mode)
                 for c, f in zip(self.config.loras, self.files, strict=True)]
 
+    def swappable(self, cfg: LoraConfig) -> bool:
+        """Whether `swap` may apply: both unmerged, this handle on (its hooks must still match the new targets)."""
+        return not self.config.merge and not cfg.merge and self.active and bool(self._terms)
+
     def swap(self, pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None) -> bool:
         """Switch an unmerged handle to `cfg`'s LoRAs in place when they hook the same modules: the hooks keep
         their place and get the new small tensors, only the few merged non-matmul parameters are redone.
         Returns False (nothing changed) when that does not apply; then remove and apply instead."""
-        if self.config.merge or cfg.merge or not self.active or not self._terms:
+        if not self.swappable(cfg):
             return False
         read = read_and_check(pipe, cfg.loras, files)
         hooked, merged = _split(pipe, _param_deltas(pipe, cfg.loras, read))
