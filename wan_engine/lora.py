@@ -123,14 +123,15 @@ class LoraDelta:
         """strength * ((alpha / rank) * up @ down + diff) in float32, shaped like the weight; None if no change."""
         delta = None
         if self.down is not None:
-            # non_blocking: from the cache's pinned copies no copy waits for the device (patches/lora.py)
+            # non_blocking: from the cache's pinned copies no copy waits for the device (patches/lora.py);
+            # strength and scale go into the small factor: one pass over the weight-sized result, not three
             up = self.up.to(device, torch.float32, non_blocking=True).flatten(1)        # [out, r]
             down = self.down.to(device, torch.float32, non_blocking=True).flatten(1)    # [r, in * k]
-            delta = (self.scale * (up @ down)).reshape(shape)
+            delta = ((strength * self.scale) * up @ down).reshape(shape)
         if self.diff is not None:
             diff = self.diff.to(device, torch.float32, non_blocking=True)
-            delta = diff if delta is None else delta + diff
-        return None if delta is None else strength * delta
+            delta = strength * diff if delta is None else delta.add_(diff, alpha=strength)
+        return delta
 
     def bias_delta(self, device: torch.device, strength: float = 1.0) -> Tensor | None:
         return None if self.diff_b is None else strength * self.diff_b.to(device, torch.float32, non_blocking=True)
