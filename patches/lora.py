@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wan_engine.lora import LoraChoice, LoraError, LoraFile, check_lora, lora_files
+from wan_engine.lora import LoraChoice, LoraError, LoraFile, check_lora, lora_files, to_device
 from wan_engine.plan import HIGH_NOISE, LOW_NOISE
 
 from .base import PatchStack, swap_attr
@@ -236,10 +236,9 @@ class _LoraTerm:
         pairs = []
         for delta, strength in entries:
             if delta.down is not None:
-                up = (strength * delta.scale * delta.up.to(w.device, torch.float32, non_blocking=True)).to(w.dtype)
-                pairs.append((delta.down.to(w.device, w.dtype, non_blocking=True), up))    # [r, in], [out, r]
-        full = _sum(d.diff.to(w.device, torch.float32, non_blocking=True) * s for d, s in entries
-                    if d.diff is not None)
+                up = (strength * delta.scale * to_device(delta.up, w.device, torch.float32)).to(w.dtype)
+                pairs.append((to_device(delta.down, w.device, w.dtype), up))    # [r, in], [out, r]
+        full = _sum(to_device(d.diff, w.device, torch.float32) * s for d, s in entries if d.diff is not None)
         bias = _sum(d.bias_delta(w.device, s) for d, s in entries)
         self.pairs = pairs
         self.full = None if full is None else full.to(w.dtype)

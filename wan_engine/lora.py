@@ -98,6 +98,12 @@ class LoraChoice:
             raise LoraError(f"LoRA expert must be one of {EXPERT_CHOICES}, got {self.expert!r} ({self.path})")
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`t` on `device` in `dtype`: moved first (non-blocking: from the cache's pinned copies nothing waits for the
+    device), converted there (a CPU->GPU copy that changes dtype converts on the CPU, into pageable memory)."""
+    return t.to(device, non_blocking=True).to(dtype)
+
+
 @dataclass(frozen=True)
 class LoraDelta:
     """The change one file makes to one module of the DiT (our module name, e.g. `blocks.0.self_attn.q`)."""
@@ -123,18 +129,17 @@ class LoraDelta:
         """strength * ((alpha / rank) * up @ down + diff) in float32, shaped like the weight; None if no change."""
         delta = None
         if self.down is not None:
-            # non_blocking: from the cache's pinned copies no copy waits for the device (patches/lora.py);
             # strength and scale go into the small factor: one pass over the weight-sized result, not three
-            up = self.up.to(device, torch.float32, non_blocking=True).flatten(1)        # [out, r]
-            down = self.down.to(device, torch.float32, non_blocking=True).flatten(1)    # [r, in * k]
+            up = to_device(self.up, device, torch.float32).flatten(1)        # [out, r]
+            down = to_device(self.down, device, torch.float32).flatten(1)    # [r, in * k]
             delta = ((strength * self.scale) * up @ down).reshape(shape)
         if self.diff is not None:
-            diff = self.diff.to(device, torch.float32, non_blocking=True)
+            diff = to_device(self.diff, device, torch.float32)
             delta = strength * diff if delta is None else delta.add_(diff, alpha=strength)
         return delta
 
     def bias_delta(self, device: torch.device, strength: float = 1.0) -> Tensor | None:
-        return None if self.diff_b is None else strength * self.diff_b.to(device, torch.float32, non_blocking=True)
+        return None if self.diff_b is None else strength * to_device(self.diff_b, device, torch.float32)
 
 
 @dataclass(frozen=True)
