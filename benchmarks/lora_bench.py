@@ -9,11 +9,14 @@ temporary folder. The script then measures:
    end to end on a warm pipeline (one untimed run first), under `--tier`;
 2. quality: the LoRAs removed, the model's own 40-step run with classifier-free guidance under the quality
    tier; `--steps-quality N` runs N steps and extrapolates the denoise per step to 40;
-3. switch: LoRA set A -> B on both experts, merged (restore the base from pinned host memory, read and check
-   the new files, merge; the base copy is made once, as in tasks/pipelines.EngineCache) and unmerged
-   (forward hooks), the median of `--switches`.
+3. switch: LoRA sets A -> B -> A ... on both experts as tasks/pipelines.EngineCache switches them, merged (read
+   and check the new files, remove the applied set: recompute its delta and undo it with the kept 2-bit
+   correction, merge the new set) and unmerged (read, then swap the small tensors inside the installed hooks),
+   split into file read, remove and apply, medians of `--switches`. Files come through the process's cache of
+   parsed files, as in a resident worker: the first read of each file is reported apart ("read, first time").
 
     python benchmarks/lora_bench.py                       # H200: 832x480x81, rank 64
+    python benchmarks/lora_bench.py --switches-only       # H200: the switch figures alone (no 40-step run)
     python benchmarks/lora_bench.py --model tiny          # CPU smoke check
 """
 from __future__ import annotations
@@ -120,25 +123,30 @@ def end_to_end(pipe: WanPipeline, size, frames: int, out: Path, steps: int | Non
     return t
 
 
-def switch_times(pipe: WanPipeline, sets: list[tuple[LoraChoice, ...]], merge: bool, switches: int,
-                 keep_on: str | None) -> list[float]:
-    """Seconds of each switch between the LoRA sets in turn (remove the applied set, read, check and apply the
-    next), the first application left out."""
-    store: dict = {}
-    handle, seconds = None, []
+def switch_times(pipe: WanPipeline, sets: list[tuple[LoraChoice, ...]], merge: bool, switches: int) -> list[dict]:
+    """Seconds of each switch between the LoRA sets in turn, split into read (and check), remove and apply (an
+    unmerged swap counts as apply), the first application left out."""
+    handle, times = None, []
     for i in range(switches + 1):
-        loras = sets[i % len(sets)]
+        cfg = LoraConfig(sets[i % len(sets)], merge=merge)
         sync(pipe.device)
         started = time.perf_counter()
-        files = {c.path: f for c, f in zip(loras, read_and_check(pipe, loras), strict=True)}
-        if handle is not None:
-            handle.remove()
-        handle = apply_loras(pipe, LoraConfig(loras, merge=merge, keep_on=keep_on), files, store)
+        files = {c.path: f for c, f in zip(cfg.loras, read_and_check(pipe, cfg.loras), strict=True)}
+        read = time.perf_counter()
+        if handle is not None and handle.swap(pipe, cfg, files):
+            removed = read
+        else:
+            if handle is not None:
+                handle.remove()
+            sync(pipe.device)
+            removed = time.perf_counter()
+            handle = apply_loras(pipe, cfg, files)
         sync(pipe.device)
+        done = time.perf_counter()
         if i:
-            seconds.append(time.perf_counter() - started)
+            times.append(dict(read=read - started, remove=removed - read, apply=done - removed, total=done - started))
     handle.remove()
-    return seconds
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--tier", default="quality", help="the distilled run's tier (the 40-step run is quality)")
     ap.add_argument("--steps-quality", type=int, default=40, help="steps actually run for the quality figure")
-    ap.add_argument("--switches", type=int, default=3)
+    ap.add_argument("--switches", type=int, default=4)
+    ap.add_argument("--switches-only", action="store_true", help="skip the distilled and 40-step runs")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -157,7 +166,6 @@ def main(argv: list[str] | None = None) -> int:
     bm = BENCH_MODELS[args.model]
     size = tuple(int(v) for v in args.size.split("*")) if args.size else bm.size
     frames = args.frames or bm.frames
-    keep_on = "cpu" if device.type == "cuda" else None
     facts = {"model": args.model, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "size": f"{size[0]}*{size[1]}", "frames": frames, "rank": args.rank, "tier": args.tier}
 
@@ -171,24 +179,26 @@ def main(argv: list[str] | None = None) -> int:
                  for s in ("a", "b") for e in ("high", "low")}
         sets = [tuple(LoraChoice(str(files[(s, e)]), 1.0, e) for e in ("high", "low")) for s in ("a", "b")]
 
-        tier = apply_tier(pipe, args.tier, TierOptions(step_caches=False))
-        lora = apply_loras(pipe, LoraConfig(sets[0], keep_on=keep_on))
-        end_to_end(pipe, size, frames, tmp / "warm.mp4", **DISTILLED.sampling())   # warm: compile, kernels
-        distilled = end_to_end(pipe, size, frames, tmp / "distilled.mp4", **DISTILLED.sampling())
-        lora.remove()
-        tier.remove()
-
-        merged = switch_times(pipe, sets, True, args.switches, keep_on)
-        unmerged = switch_times(pipe, sets, False, args.switches, keep_on)
-
-        quality_tier = apply_tier(pipe, "quality")
-        n = min(args.steps_quality, bm.spec.steps)
-        quality = end_to_end(pipe, size, frames, tmp / "quality.mp4", steps=n)
-        quality_tier.remove()
-    per_step = quality["denoise"] / n
-    quality_total = quality["total"] - quality["denoise"] + per_step * bm.spec.steps
-    result = {**facts, "distilled": distilled, "quality": quality, "quality_steps_run": n,
-              "quality_total_40_s": quality_total, "merged_switch_s": merged, "unmerged_switch_s": unmerged}
+        first_read = time.perf_counter()
+        for loras in sets:   # the first read of each file (the process's cache holds them afterwards)
+            read_and_check(pipe, loras)
+        facts["first_read_s"] = (time.perf_counter() - first_read) / len(sets)
+        result = {**facts, "merged_switch": switch_times(pipe, sets, True, args.switches),
+                  "unmerged_switch": switch_times(pipe, sets, False, args.switches)}
+        if not args.switches_only:
+            tier = apply_tier(pipe, args.tier, TierOptions(step_caches=False))
+            lora = apply_loras(pipe, LoraConfig(sets[0]))
+            end_to_end(pipe, size, frames, tmp / "warm.mp4", **DISTILLED.sampling())   # warm: compile, kernels
+            distilled = end_to_end(pipe, size, frames, tmp / "distilled.mp4", **DISTILLED.sampling())
+            lora.remove()
+            tier.remove()
+            quality_tier = apply_tier(pipe, "quality")
+            n = min(args.steps_quality, bm.spec.steps)
+            quality = end_to_end(pipe, size, frames, tmp / "quality.mp4", steps=n)
+            quality_tier.remove()
+            per_step = quality["denoise"] / n
+            quality_total = quality["total"] - quality["denoise"] + per_step * bm.spec.steps
+            result.update(distilled=distilled, quality=quality, quality_steps_run=n, quality_total_40_s=quality_total)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 
@@ -197,12 +207,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print(json.dumps(facts))
     print(f"{'what':<34} {'seconds':>9}  detail")
-    print(f"{'distilled end to end (4 steps)':<34} {distilled['total']:>9.2f}  {fmt(distilled)}")
-    label = f"quality {bm.spec.steps} steps" + ("" if n == bm.spec.steps else f" (from {n})")
-    print(f"{label:<34} {quality_total:>9.2f}  {fmt(quality)}; denoise/step {per_step:.3f}")
-    print(f"{'ratio quality / distilled':<34} {quality_total / distilled['total']:>9.1f}x")
-    print(f"{'LoRA switch, merged (median)':<34} {statistics.median(merged):>9.2f}  both experts, rank {args.rank}")
-    print(f"{'LoRA switch, unmerged (median)':<34} {statistics.median(unmerged):>9.2f}  both experts, rank {args.rank}")
+    if not args.switches_only:
+        print(f"{'distilled end to end (4 steps)':<34} {distilled['total']:>9.2f}  {fmt(distilled)}")
+        label = f"quality {bm.spec.steps} steps" + ("" if n == bm.spec.steps else f" (from {n})")
+        print(f"{label:<34} {quality_total:>9.2f}  {fmt(quality)}; denoise/step {per_step:.3f}")
+        print(f"{'ratio quality / distilled':<34} {quality_total / distilled['total']:>9.1f}x")
+    print(f"{'LoRA files read, first time (set)':<34} {facts['first_read_s']:>9.2f}  both experts, rank {args.rank}")
+    for mode in ("merged", "unmerged"):
+        times = result[f"{mode}_switch"]
+        parts = " ".join(f"{k} {statistics.median(t[k] for t in times):.3f}" for k in ("read", "remove", "apply"))
+        print(f"{f'LoRA switch, {mode} (median)':<34} {statistics.median(t['total'] for t in times):>9.2f}  "
+              f"{parts}; both experts, rank {args.rank}")
     return 0
 
 

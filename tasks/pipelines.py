@@ -9,8 +9,9 @@ removes the applied one, which the patch contract makes exact, and applies the n
 never hold two copies of the weights, and compiled blocks are re-wrapped without re-tracing
 (torch.compile's cache is per code object and backend). A reused pipeline starts each run clean:
 its step cache is prepared for the run's settings and drops every cached residual at the run's
-first step. It also carries exactly the run's LoRAs (patches/lora.py): a run with other LoRAs removes the
-applied ones bit-exactly and merges the new ones in place, with no reload of the base weights.
+first step. It also carries exactly the run's LoRAs (patches/lora.py), in the mode `WAN_LORA_MODE` says (merged,
+the default, or unmerged): a run with other LoRAs removes the applied ones bit-exactly and applies the new ones in
+place, with no reload of the base weights; unmerged LoRAs of the same modules are swapped inside their hooks.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from patches.lora import LoraConfig, LoraHandle, apply_loras, read_and_check
 from patches.tiers import TierHandle, TierOptions, apply_tier
 from tasks.runlog import run_logger
 from tasks.runs import RunDescription
+from tasks.settings import get_settings
 from wan_engine.lora import LoraChoice
 
 # torch.compile backend of the balanced and speed tiers; "eager" traces without generating kernels
@@ -78,7 +80,6 @@ class EngineCache:
         self._pipelines: OrderedDict[tuple[str, str, torch.dtype], object] = OrderedDict()  # least recent first
         self._tiers: dict[tuple[str, str, torch.dtype], _AppliedTier] = {}
         self._loras: dict[tuple[str, str, torch.dtype], LoraHandle] = {}
-        self._lora_bases: dict[tuple[str, str, torch.dtype], dict] = {}   # base weights under merged LoRAs
         self.loads = 0
         self.lora_switches = 0
 
@@ -141,27 +142,32 @@ class EngineCache:
         return pipe, handle
 
     def _switch_loras(self, key: tuple[str, str, torch.dtype], pipe, loras: tuple[LoraChoice, ...]) -> None:
-        """Give the pipeline exactly the run's LoRAs: the applied ones are removed (bit-exact) and the new ones
-        merged in place, with no reload of the base weights. The new files are read and checked first, so a
-        bad one leaves the previous LoRAs on."""
+        """Give the pipeline exactly the run's LoRAs in the configured mode: the applied ones are removed
+        (bit-exact) and the new ones applied in place, or swapped inside the hooks of unmerged ones, with no reload
+        of the base weights. The new files are read and checked first, so a bad one leaves the previous LoRAs on."""
+        cfg = LoraConfig(loras, merge=get_settings().lora_mode == "merged")
         applied = self._loras.get(key)
-        if applied is not None and applied.config.loras == loras:
+        if applied is not None and applied.config == cfg:
             return
-        files = read_and_check(pipe, loras)
         started = time.perf_counter()
-        if applied is not None:
-            del self._loras[key]
-            applied.remove()
-        if loras:
-            # On a GPU the base weights wait in pinned host memory: an A14B pair has no room for a second copy.
-            keep_on = "cpu" if key[1].startswith("cuda") else None
-            self._loras[key] = apply_loras(pipe, LoraConfig(loras, keep_on=keep_on),
-                                           {c.path: f for c, f in zip(loras, files, strict=True)},
-                                           self._lora_bases.setdefault(key, {}))
+        files = {c.path: f for c, f in zip(loras, read_and_check(pipe, loras), strict=True)}
+        read = time.perf_counter()
+        if applied is not None and loras and applied.swap(pipe, cfg, files):
+            removed = read
+        else:
+            if applied is not None:
+                del self._loras[key]
+                applied.remove()
+            removed = time.perf_counter()
+            if loras:
+                self._loras[key] = apply_loras(pipe, cfg, files)
+        if key[1].startswith("cuda"):
+            torch.cuda.synchronize(key[1])
+        done = time.perf_counter()
         self.lora_switches += 1
-        run_logger().info("LoRAs on %s: %s (switched in %.2f s)", key[0],
-                          ", ".join(f"{Path(c.path).name} x{c.strength:g} ({c.expert})" for c in loras) or "none",
-                          time.perf_counter() - started)
+        run_logger().info("LoRAs on %s (%s): %s (switched in %.2f s: read %.2f, remove %.2f, apply %.2f)", key[0],
+                          cfg.mode, ", ".join(f"{Path(c.path).name} x{c.strength:g} ({c.expert})" for c in loras)
+                          or "none", done - started, read - started, removed - read, done - removed)
 
     def lora_record(self, checkpoint: str, device: str) -> list[dict]:
         """The LoRAs applied to a pipeline now, each file with its sha256 (metadata.json)."""
@@ -175,7 +181,6 @@ class EngineCache:
 
     def _drop(self, key: tuple[str, str, torch.dtype]) -> None:
         self._loras.pop(key, None)   # the weights go with the pipeline: nothing to put back
-        self._lora_bases.pop(key, None)
         applied = self._tiers.pop(key, None)
         if applied is not None:
             try:  # puts process-wide settings back (TF32, ...); must not hide why the pipeline goes

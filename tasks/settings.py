@@ -55,6 +55,10 @@ class Settings(BaseSettings):
         None, description="Folder of LoRA .safetensors files a request may name by file name alone (a LoRA may "
         "also be a path inside the input roots)."
     )
+    lora_mode: Literal["merged", "unmerged"] = Field(
+        "merged", description="How a resident engine applies a run's LoRAs: merged into the weights (fastest "
+        "steps) or unmerged, beside the matmuls (fastest switch between runs with different LoRAs)."
+    )
     outputs_dir: Path = Field(Path("outputs"), description="Published videos go to <outputs_dir>/<date>/.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "wanflow",

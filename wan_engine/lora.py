@@ -13,15 +13,23 @@ A file becomes a `LoraFile`: per target parameter of the DiT (`blocks.0.self_att
 parameters and raises one `LoraError` listing every key that matches no parameter or does not fit its shape,
 so nothing is applied from a file that is wrong anywhere. Applying is a patch (patches/lora.py).
 
+`lora_files()` is the process's cache of parsed files (`LoraFileCache`): keyed by path, size and modification
+time, least recently used dropped past a byte budget, so switching back to a recent LoRA reads nothing (and
+hashes nothing). With CUDA its tensors wait in pinned host memory, from which they reach a GPU without a stall.
+
 Merge rule (the official one): W' = W + strength * ((alpha / rank) * up @ down + diff), b' = b + strength * diff_b;
 without alpha the scale is 1 (PEFT's default of alpha = rank).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -30,6 +38,7 @@ from torch import Tensor, nn
 
 EXPERT_CHOICES = ("both", "high", "low")
 MAX_STRENGTH = 2.0
+CACHE_BYTES = 16 << 30   # parsed LoRA files kept in host memory (a rank-64 A14B pair is ~1.2 GB)
 
 # Prefixes of the files in the wild; the first that matches is removed.
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "base_model.model.transformer.", "base_model.model.",
@@ -89,6 +98,12 @@ class LoraChoice:
             raise LoraError(f"LoRA expert must be one of {EXPERT_CHOICES}, got {self.expert!r} ({self.path})")
 
 
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`t` on `device` in `dtype`: moved first (non-blocking: from the cache's pinned copies nothing waits for the
+    device), converted there (a CPU->GPU copy that changes dtype converts on the CPU, into pageable memory)."""
+    return t.to(device, non_blocking=True).to(dtype)
+
+
 @dataclass(frozen=True)
 class LoraDelta:
     """The change one file makes to one module of the DiT (our module name, e.g. `blocks.0.self_attn.q`)."""
@@ -114,16 +129,17 @@ class LoraDelta:
         """strength * ((alpha / rank) * up @ down + diff) in float32, shaped like the weight; None if no change."""
         delta = None
         if self.down is not None:
-            up = self.up.to(device, torch.float32).flatten(1)             # [out, r]
-            down = self.down.to(device, torch.float32).flatten(1)         # [r, in * k]
-            delta = (self.scale * (up @ down)).reshape(shape)
+            # strength and scale go into the small factor: one pass over the weight-sized result, not three
+            up = to_device(self.up, device, torch.float32).flatten(1)        # [out, r]
+            down = to_device(self.down, device, torch.float32).flatten(1)    # [r, in * k]
+            delta = ((strength * self.scale) * up @ down).reshape(shape)
         if self.diff is not None:
-            diff = self.diff.to(device, torch.float32)
-            delta = diff if delta is None else delta + diff
-        return None if delta is None else strength * delta
+            diff = to_device(self.diff, device, torch.float32)
+            delta = strength * diff if delta is None else delta.add_(diff, alpha=strength)
+        return delta
 
     def bias_delta(self, device: torch.device, strength: float = 1.0) -> Tensor | None:
-        return None if self.diff_b is None else strength * self.diff_b.to(device, torch.float32)
+        return None if self.diff_b is None else strength * to_device(self.diff_b, device, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -143,6 +159,19 @@ class LoraFile:
     def rank(self) -> int | None:
         ranks = {d.rank for d in self.deltas.values() if d.rank is not None}
         return max(ranks) if ranks else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.deltas.values()
+                   for t in (d.down, d.up, d.diff, d.diff_b) if t is not None)
+
+    def pinned(self) -> LoraFile:
+        """The same file with its tensors in pinned host memory."""
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+        return dataclasses.replace(self, deltas={m: dataclasses.replace(d, down=pin(d.down), up=pin(d.up),
+                                                                         diff=pin(d.diff), diff_b=pin(d.diff_b))
+                                                 for m, d in self.deltas.items()})
 
 
 def file_sha256(path: Path) -> str:
@@ -242,6 +271,54 @@ def read_lora(path: str | Path) -> LoraFile:
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"unreadable LoRA file {path}: {exc}") from exc
     return lora_from_state_dict(tensors, path, file_sha256(path))
+
+
+class LoraFileCache:
+    """Parsed LoRA files by (path, size, mtime), most recently used last, at most `max_bytes` of tensors (the
+    file just read is kept even alone above it). `pin`: keep the tensors in pinned host memory (default: when
+    CUDA is available). `reads` counts the files read from disk."""
+
+    def __init__(self, max_bytes: int = CACHE_BYTES, pin: bool | None = None):
+        self.max_bytes = max_bytes
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        self.reads = 0
+        self._files: OrderedDict[tuple[str, int, int], LoraFile] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, path: str | Path) -> LoraFile:
+        path = Path(path)
+        try:
+            st = path.stat()
+        except OSError:
+            st = None
+        if st is None or not path.is_file():
+            raise LoraError(f"LoRA file {path} does not exist")
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            if key in self._files:
+                self._files.move_to_end(key)
+                return self._files[key]
+        lora = read_lora(path)
+        if self.pin:
+            lora = lora.pinned()
+        with self._lock:
+            self.reads += 1
+            for old in [k for k in self._files if k[0] == key[0]]:   # an older version of the same file
+                del self._files[old]
+            self._files[key] = lora
+            while len(self._files) > 1 and self.nbytes > self.max_bytes:
+                self._files.popitem(last=False)
+        return lora
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self._files.values())
+
+
+@lru_cache(maxsize=1)
+def lora_files() -> LoraFileCache:
+    """This process's cache of parsed LoRA files."""
+    return LoraFileCache()
 
 
 def _listing(path: Path | str, problem: str, keys: list[str], show: int = 8) -> str:

@@ -1,7 +1,8 @@
 """LoRA files and the LoRA patch: every layout reads to the same deltas, merged weights follow the official
-rule W + (alpha / rank) * up @ down, apply then remove is bit-identical (merged and unmerged, float32 and bf16),
-unmerged equals merged, a merged swap does not recompile, and every bad file gets one clear error before
-any weight changes."""
+rule W + (alpha / rank) * up @ down, apply then remove is bit-identical (merged and unmerged, float32 and bf16,
+through the 2-bit correction and its exceptions), unmerged equals merged, an unmerged swap keeps its hooks, a
+merged swap does not recompile, parsed files are cached, and every bad file gets one clear error before any
+weight changes."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from patches.lora import LoraConfig, apply_loras
+from patches.lora import _BITS, LoraConfig, apply_loras
 from tests.lora_files import LAYOUTS, in_layout, official_lora, write_lora
 from tests.patches import tiny_pipeline
 from wan_engine.lora import LoraChoice, LoraError, read_lora
@@ -169,3 +170,84 @@ def test_unreadable_and_out_of_range_choices(pipe, tmp_path):
         LoraChoice("x.safetensors", 2.5)
     with pytest.raises(LoraError, match="expert must be one of"):
         LoraChoice("x.safetensors", 1.0, "middle")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_correction_restores_every_bit_with_exceptions_and_dense_fallback(dtype):
+    from patches.lora import _Correction
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(257, 33, generator=g) * 0.02).to(dtype)         # odd sizes: the 2-bit codes are padded
+    w.view(-1)[:5] = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 3.0]).to(dtype)
+    delta = torch.randn(257, 33, generator=g) * 1e-3
+    delta.view(-1)[:40] *= 1e4                                       # far larger than the weights: exceptions
+    merged = (w.float() + delta).to(dtype)
+    corr = _Correction(w, merged, delta)
+    assert corr.full is None and 0 < corr.index.numel() < w.numel() // 8
+    assert not torch.equal((merged.float() - delta).to(dtype), w)    # subtracting alone is not exact
+    restored = merged.clone()
+    corr.restore_(restored, delta)
+    ints = _BITS[w.element_size()]
+    assert torch.equal(restored.view(ints), w.view(ints))
+    assert corr.nbytes < w.numel() * w.element_size() // 2
+    huge = torch.randn(257, 33, generator=g) * 1e3                   # most weights lost: a full copy instead
+    merged = (w.float() + huge).to(dtype)
+    dense = _Correction(w, merged, huge)
+    dense.restore_(merged, huge)
+    assert dense.full is not None and torch.equal(merged.view(ints), w.view(ints))
+
+
+def test_merged_apply_remove_is_bit_identical_with_a_strong_lora_in_bf16(tmp_path):
+    pipe = copy.deepcopy(tiny_pipeline())
+    for dit in pipe.experts.values():
+        dit.to(torch.bfloat16)
+    sd = official_lora(seed=9, extras=True)
+    strong = {k: v * 30 if k.endswith("lora_up.weight") else v for k, v in sd.items()}
+    path = write_lora(tmp_path / "strong.safetensors", in_layout(strong, "official"))
+    before = snapshot(pipe)
+    for _ in range(3):
+        with apply_loras(pipe, LoraConfig((LoraChoice(str(path), 2.0),))):
+            assert not torch.equal(pipe.experts["low_noise"].blocks[0].ffn[0].weight,
+                                   before["low_noise.blocks.0.ffn.0.weight"])
+        assert_same(before, snapshot(pipe))
+
+
+def test_unmerged_swap_keeps_the_hooks_and_equals_a_fresh_apply(pipe, tmp_path):
+    a = write_lora(tmp_path / "a.safetensors", in_layout(official_lora(seed=10, extras=True), "official"))
+    b = write_lora(tmp_path / "b.safetensors", in_layout(official_lora(seed=11, extras=True), "comfy"))
+    other = write_lora(tmp_path / "o.safetensors", in_layout(official_lora(seed=12, layers=1), "official"))
+    dit = pipe.experts["high_noise"]
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([900]), torch.randn(1, 12, 4096, generator=g)
+    before = snapshot(pipe)
+    cfg_b = LoraConfig((LoraChoice(str(b), 0.6),), merge=False)
+    with apply_loras(pipe, cfg_b):
+        fresh = dit(x, t, ctx)
+    handle = apply_loras(pipe, LoraConfig((LoraChoice(str(a), 1.0),), merge=False))
+    hooks = {n: list(m._forward_hooks.values()) for n, m in dit.named_modules() if m._forward_hooks}
+    assert handle.swap(pipe, cfg_b)
+    assert {n: list(m._forward_hooks.values()) for n, m in dit.named_modules() if m._forward_hooks} == hooks
+    assert torch.equal(dit(x, t, ctx), fresh) and handle.summary()[0]["name"] == "b.safetensors"
+    assert not handle.swap(pipe, LoraConfig((LoraChoice(str(other)),), merge=False))   # other modules
+    assert not handle.swap(pipe, LoraConfig((LoraChoice(str(a)),), merge=True))         # other mode
+    handle.remove()
+    assert_same(before, snapshot(pipe))
+    assert not any(m._forward_hooks for m in dit.modules())
+
+
+def test_parsed_files_are_cached_by_path_size_and_mtime_within_a_byte_budget(tmp_path):
+    from wan_engine.lora import LoraFileCache
+    paths = [write_lora(tmp_path / f"{i}.safetensors", in_layout(official_lora(seed=i), "official"))
+             for i in range(3)]
+    cache = LoraFileCache(max_bytes=2 * read_lora(paths[0]).nbytes)
+    first = cache.read(paths[0])
+    assert cache.read(paths[0]) is first and cache.reads == 1
+    cache.read(paths[1])
+    cache.read(paths[0])                                  # 0 is now the most recent: 1 goes when 2 comes
+    cache.read(paths[2])
+    assert cache.read(paths[0]) is first and cache.reads == 3
+    cache.read(paths[1])
+    assert cache.reads == 4
+    write_lora(paths[0], in_layout(official_lora(seed=5, rank=8), "official"))   # a new file at the same path
+    assert cache.read(paths[0]).rank == 8 and cache.reads == 5
+    with pytest.raises(LoraError, match="does not exist"):
+        cache.read(tmp_path / "missing.safetensors")

@@ -1,6 +1,7 @@
 """LoRAs in the engine cache: a resident engine switches LoRAs between runs without reloading the base model;
-each run equals a fresh load's with the same LoRAs, metadata records every file with its sha256, and a run on
-two resident rank workers applies the same LoRAs on both ranks."""
+each run equals a fresh load's with the same LoRAs, metadata records every file with its sha256 and the mode
+(WAN_LORA_MODE: unmerged LoRAs are swapped inside their hooks), and a run on two resident rank workers applies
+the same LoRAs on both ranks."""
 from __future__ import annotations
 
 import dataclasses
@@ -65,3 +66,25 @@ def test_two_resident_rank_workers_switch_loras_like_one_process(two_workers, tm
             assert denoised.engine["loads"] == 1 and denoised.loras[0]["name"] == path.name
     finally:
         os.close(fd)
+
+
+def test_lora_mode_setting_unmerged_swaps_between_runs_and_is_recorded(tmp_path, monkeypatch):
+    from tasks.settings import get_settings
+    a = write_lora(tmp_path / "a.safetensors", in_layout(official_lora(1), "official"))
+    b = write_lora(tmp_path / "b.safetensors", in_layout(official_lora(2), "diffusers"))
+    merged = run_denoise(EngineCache(), _run((LoraChoice(str(b), 0.7),)))
+    monkeypatch.setenv("WAN_LORA_MODE", "unmerged")
+    get_settings.cache_clear()
+    try:
+        engines = EngineCache()
+        run_denoise(engines, _run((LoraChoice(str(a)),)))
+        (handle,) = engines._loras.values()
+        second = run_denoise(engines, _run((LoraChoice(str(b), 0.7),)))
+        assert list(engines._loras.values()) == [handle]   # swapped inside its hooks, not removed and re-applied
+        assert second.loras[0]["mode"] == "unmerged" and merged.loras[0]["mode"] == "merged"
+        torch.testing.assert_close(second.latents, merged.latents, atol=1e-4, rtol=1e-4)
+        plain = run_denoise(engines, _run())
+        assert torch.equal(plain.latents, run_denoise(EngineCache(), _run()).latents)
+        assert engines.loads == 1 and engines.lora_switches == 3
+    finally:
+        get_settings.cache_clear()
