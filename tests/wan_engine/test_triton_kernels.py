@@ -20,6 +20,7 @@ from wan_engine import dit as dit_module
 from wan_engine.dit import DiTBlock, DiTConfig
 
 pytest.importorskip("triton")
+dit_module.load_triton_kernels()  # a model loads them on its first CUDA forward; these tests call them directly
 K = dit_module.triton_kernels
 KERNELS = ("_add_layer_norm_kernel", "_rms_norm_rope_kernel")
 
