@@ -149,6 +149,18 @@ def switch_times(pipe: WanPipeline, sets: list[tuple[LoraChoice, ...]], merge: b
     return times
 
 
+@torch.no_grad()
+def fingerprint(pipe: WanPipeline) -> list[tuple[int, ...]]:
+    """Per expert parameter, sums over its raw bits: any weight that a remove did not put back bit for bit
+    changes them (the base weights are too large to keep a second copy of on the card)."""
+    prints = []
+    for expert in pipe.experts.values():
+        for p in expert.parameters():
+            bits = p.view({2: torch.int16, 4: torch.int32}[p.element_size()]).long()
+            prints.append(tuple(int(v) for v in torch.stack([bits.sum(), (bits * bits).sum(), bits[::7].sum()])))
+    return prints
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="t2v-A14B", choices=("t2v-A14B", "tiny"))
@@ -183,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         for loras in sets:   # the first read of each file (the process's cache holds them afterwards)
             read_and_check(pipe, loras)
         facts["first_read_s"] = (time.perf_counter() - first_read) / len(sets)
+        before = fingerprint(pipe)
         result = {**facts, "merged_switch": switch_times(pipe, sets, True, args.switches),
                   "unmerged_switch": switch_times(pipe, sets, False, args.switches)}
+        result["base_bit_identical_after_switches"] = fingerprint(pipe) == before
         if not args.switches_only:
             tier = apply_tier(pipe, args.tier, TierOptions(step_caches=False))
             lora = apply_loras(pipe, LoraConfig(sets[0]))
@@ -218,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         parts = " ".join(f"{k} {statistics.median(t[k] for t in times):.3f}" for k in ("read", "remove", "apply"))
         print(f"{f'LoRA switch, {mode} (median)':<34} {statistics.median(t['total'] for t in times):>9.2f}  "
               f"{parts}; both experts, rank {args.rank}")
-    return 0
+    print(f"base weights bit-identical after every switch and the last remove: "
+          f"{result['base_bit_identical_after_switches']}")
+    return 0 if result["base_bit_identical_after_switches"] else 1
 
 
 if __name__ == "__main__":
