@@ -27,10 +27,11 @@ import hashlib
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -242,34 +243,31 @@ def lora_from_state_dict(tensors: Mapping[str, Tensor], path: Path, sha256: str 
     return LoraFile(path, sha256, layout, deltas)
 
 
-def scan_lora(path: str | Path) -> int:
-    """Check a LoRA file from its header alone (readable, only key kinds we read, complete down/up pairs), reading
-    no tensor: what a request is checked with before any GPU work. Returns the number of modules it changes."""
-    path = Path(path)
+def _open_lora(path: Path, read: Callable[[Any], dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`read(f)` over the open safetensors file at `path`, with one LoraError for each way the file can fail."""
     if not path.is_file():
         raise LoraError(f"LoRA file {path} does not exist")
     if path.suffix != ".safetensors":
         raise LoraError(f"LoRA file {path}: only .safetensors files are read")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
+            return read(f)
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoraError(f"unreadable LoRA file {path}: {exc}") from exc
-    return len(lora_from_state_dict(dict.fromkeys(keys, torch.zeros(())), path).deltas)
+
+
+def scan_lora(path: str | Path) -> int:
+    """Check a LoRA file from its header alone (readable, only key kinds we read, complete down/up pairs), reading
+    no tensor: what a request is checked with before any GPU work. Returns the number of modules it changes."""
+    path = Path(path)
+    keys = _open_lora(path, lambda f: dict.fromkeys(f.keys(), torch.zeros(())))
+    return len(lora_from_state_dict(keys, path).deltas)
 
 
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA .safetensors file (every tensor, on the CPU) into our module names."""
     path = Path(path)
-    if not path.is_file():
-        raise LoraError(f"LoRA file {path} does not exist")
-    if path.suffix != ".safetensors":
-        raise LoraError(f"LoRA file {path}: only .safetensors files are read")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"unreadable LoRA file {path}: {exc}") from exc
+    tensors = _open_lora(path, lambda f: {key: f.get_tensor(key) for key in f.keys()})
     return lora_from_state_dict(tensors, path, file_sha256(path))
 
 
