@@ -45,6 +45,10 @@ REAP_SECONDS = 1.0
 CANCEL_GRACE_S = 20.0  # Prefect's cancellation of a run takes ~2 s; then SIGTERM from us
 KILL_GRACE_S = 10.0  # after our SIGTERM, then SIGKILL
 WORKER_STOP_S = 15.0  # the Prefect worker's own shutdown, then SIGKILL
+# An engine worker that ended this long after its start was serving, not failing to start: its next end
+# restarts it at once again. Ends sooner than this in a row pause the restart (`restart_delay`).
+ENGINE_STABLE_SECONDS = 60.0
+RESTART_DELAY_MAX_SECONDS = 60.0
 PREFECT_WORKER = "prefect-worker"
 ENGINE = "engine-"  # + the GPU's tag
 
@@ -83,6 +87,13 @@ def signal_process(pid: int, sig: signal.Signals) -> None:
         pass
 
 
+def restart_delay(quick_ends: int) -> float:
+    """Seconds before an engine worker starts again after `quick_ends` ends in a row, each soon after its start:
+    at once after the first (a run's crash, the OOM killer), then 2, 4, 8 ... up to a minute, so that a worker
+    that cannot start (a broken driver, a bad setting) does not spin a new process every second."""
+    return 0.0 if quick_ends <= 1 else min(2.0 ** (quick_ends - 1), RESTART_DELAY_MAX_SECONDS)
+
+
 class Supervisor:
     """Runs the children this host's worker owns until SIGTERM or SIGINT; see the module docstring."""
 
@@ -94,6 +105,9 @@ class Supervisor:
         self.engine_commands = engine_commands or {}  # GPU tag -> the command of its resident engine worker
         self.children: dict[str, subprocess.Popen] = {}
         self.stop_signal: signal.Signals | None = None
+        self.engine_started: dict[str, float] = {}   # tag -> time.monotonic() of its engine's last start
+        self.quick_ends: dict[str, int] = {}         # tag -> its engine's ends in a row soon after a start
+        self.restart_at: dict[str, float] = {}       # tag -> when its dead engine starts again
 
     def run(self) -> int:
         """Supervise until asked to stop (exit status 0) or until the Prefect worker ends by itself (its status)."""
@@ -130,15 +144,30 @@ class Supervisor:
         child = subprocess.Popen(self.engine_commands[tag], env=self.env, start_new_session=True,
                                  preexec_fn=die_with_parent)
         self.children[ENGINE + tag] = child
+        self.engine_started[tag] = time.monotonic()
         log.info("worker %s: resident engine worker for %s pid %d", self.name, tag, child.pid)
 
     def restart_dead_engines(self) -> None:
-        """Start again every resident engine worker that ended (the run it served has failed, saying so)."""
+        """Start again every resident engine worker that ended (the run it served has failed, saying so), at once
+        or, when it keeps ending soon after its start, after `restart_delay`."""
+        now = time.monotonic()
         for tag in self.engine_commands:
-            status = self.children[ENGINE + tag].poll()
-            if status is not None:
-                log.error("the resident engine worker for %s (pid %d) ended with status %d: starting it again", tag,
-                          self.children[ENGINE + tag].pid, status)
+            child = self.children[ENGINE + tag]
+            status = child.poll()
+            if status is None:
+                continue
+            if tag not in self.restart_at:  # found dead just now
+                lived = now - self.engine_started[tag]
+                quick = self.quick_ends.get(tag, 0) + 1 if lived < ENGINE_STABLE_SECONDS else 1
+                self.quick_ends[tag] = quick
+                delay = restart_delay(quick)
+                self.restart_at[tag] = now + delay
+                when = f"in {delay:.0f} s ({quick} ends in a row, each within a minute of its start)" if delay \
+                    else "now"
+                log.error("the resident engine worker for %s (pid %d) ended with status %d after %.0f s: starting "
+                          "it again %s", tag, child.pid, status, lived, when)
+            if now >= self.restart_at[tag]:
+                del self.restart_at[tag]
                 self._start_engine(tag)
 
     def _ask_to_stop(self, signum: int, frame: object) -> None:

@@ -53,3 +53,25 @@ def test_a_child_of_the_supervisor_dies_with_it():
     while alive(child):
         assert time.monotonic() < deadline, "the child outlived its supervisor"
         time.sleep(0.05)
+
+
+def test_an_engine_worker_that_keeps_dying_at_start_is_restarted_with_a_growing_pause():
+    """A single crash restarts the engine at once; one that ends again and again soon after its start (a broken
+    driver, a bad setting) waits 2 s, then 4 s, ... rather than spinning a new process every second."""
+    from deployments.supervisor import Supervisor, restart_delay
+
+    assert [restart_delay(n) for n in (1, 2, 3, 4, 8, 20)] == [0.0, 2.0, 4.0, 8.0, 60.0, 60.0]
+    failing = [sys.executable, "-c", "raise SystemExit(3)"]
+    supervisor = Supervisor("test", SLEEP, dict(os.environ), {"gpu-0": failing})
+    starts = []
+    start = supervisor._start_engine
+    supervisor._start_engine = lambda tag: (starts.append(time.monotonic()), start(tag))
+    supervisor._start_engine("gpu-0")
+    deadline = time.monotonic() + 4.5
+    while time.monotonic() < deadline:
+        supervisor.restart_dead_engines()
+        time.sleep(0.05)
+    supervisor.children["engine-gpu-0"].wait()
+    # started, ended: again at once; ended: again 2 s later; ended: the next waits 4 s, past the deadline
+    assert len(starts) == 3, [round(t - starts[0], 2) for t in starts]
+    assert starts[2] - starts[1] >= 2.0
