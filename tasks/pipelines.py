@@ -71,12 +71,19 @@ class EngineCache:
 
     `load_pipeline` is how a pipeline is loaded (default: wan_engine.load_pipeline; a test gives a stand-in).
     `loads` counts the pipelines loaded in the cache's life (a resident worker reports it: warm runs load none).
-    When a device runs out of memory loading a pipeline, the least recently used pipeline held on that device
-    is evicted and the load tried again, until none is left to evict.
+    Before a load on a device that holds other pipelines, the least recently used of them are evicted until the
+    device's free memory (`free_bytes(device)`, None on the CPU) holds the new one whole
+    (`resident_bytes(checkpoint, dtype)`): a load adapts to what is free by offloading, so an idle pipeline
+    left on the card would make the new one run offloaded for good. When a load still runs out of memory, the
+    least recently used pipeline left on that device is evicted and the load tried again, until none is left.
     """
 
-    def __init__(self, load_pipeline: Callable | None = None):
+    def __init__(self, load_pipeline: Callable | None = None,
+                 free_bytes: Callable[[str], int | None] | None = None,
+                 resident_bytes: Callable[[str, torch.dtype], int] | None = None):
         self._load = load_pipeline
+        self._free_bytes = free_bytes or _free_device_bytes
+        self._resident_bytes = resident_bytes or wan_engine.resident_bytes
         self._pipelines: OrderedDict[tuple[str, str, torch.dtype], object] = OrderedDict()  # least recent first
         self._tiers: dict[tuple[str, str, torch.dtype], _AppliedTier] = {}
         self._loras: dict[tuple[str, str, torch.dtype], LoraHandle] = {}
@@ -98,6 +105,7 @@ class EngineCache:
             self._pipelines.move_to_end(key)
             return self._pipelines[key]
         load = self._load or wan_engine.load_pipeline
+        self._make_room(checkpoint, device, key[2])
         while True:
             run_logger().info("loading %s on %s (%s)", checkpoint, device, key[2])
             try:
@@ -179,6 +187,17 @@ class EngineCache:
         for key in [k for k in self._pipelines if k[1] == device]:
             self._drop(key)
 
+    def _make_room(self, checkpoint: str, device: str, dtype: torch.dtype) -> None:
+        """Evict this device's least recently used pipelines until it has the room to hold `checkpoint` whole."""
+        others = [k for k in self._pipelines if k[1] == device]
+        if not others or self._free_bytes(device) is None:
+            return
+        needed = self._resident_bytes(checkpoint, dtype)
+        while others and (free := self._free_bytes(device)) < needed:
+            run_logger().info("%s needs %.1f GB on %s to stay whole, %.1f GB are free: evicting %s, the least "
+                              "recently used", checkpoint, needed / 1e9, device, free / 1e9, others[0][0])
+            self._drop(others.pop(0))
+
     def _drop(self, key: tuple[str, str, torch.dtype]) -> None:
         self._loras.pop(key, None)   # the weights go with the pipeline: nothing to put back
         applied = self._tiers.pop(key, None)
@@ -190,6 +209,13 @@ class EngineCache:
         del self._pipelines[key]
         if key[1].startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def _free_device_bytes(device: str) -> int | None:
+    """Free memory of a CUDA device (what a load plans with); None elsewhere."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(torch.device(device))[0]
 
 
 @lru_cache(maxsize=1)

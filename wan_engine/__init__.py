@@ -13,13 +13,14 @@ One job over several processes (one per device): each calls `run_rank` in a grou
 """
 from .configs import MODEL_SPECS, TINY_PRESETS, ModelSpec
 from .hooks import BlockCall, RunHook
-from .loading import CheckpointError, check_checkpoint, load_pipeline
+from .loading import CheckpointError, check_checkpoint, load_pipeline, resident_bytes
 from .parallel import ParallelPlan, RankFailed, choose_parallel_plan, init_job_group, run_rank
 from .pipeline import Denoiser, GenerationCancelled, GenerationResult, StepInfo, WanPipeline
 from .plan import RunPlan, StepPlan, latent_grid, plan_steps
 
 __all__ = [
-    "MODEL_SPECS", "TINY_PRESETS", "ModelSpec", "CheckpointError", "check_checkpoint", "load_pipeline", "BlockCall",
+    "MODEL_SPECS", "TINY_PRESETS", "ModelSpec", "CheckpointError", "check_checkpoint", "load_pipeline",
+    "resident_bytes", "BlockCall",
     "RunHook", "Denoiser", "GenerationCancelled", "GenerationResult", "StepInfo", "WanPipeline", "RunPlan",
     "StepPlan", "latent_grid", "plan_steps", "ParallelPlan", "RankFailed", "choose_parallel_plan", "init_job_group",
     "run_rank",

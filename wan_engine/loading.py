@@ -267,6 +267,25 @@ def check_checkpoint(checkpoint: str | Path) -> ModelSpec:
     return spec
 
 
+def _memory_needs(v: _Validated, spec: ModelSpec, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """`plan_memory`'s sizes for a validated checkpoint: bytes of one expert, experts, umT5 and VAE bytes, and the
+    activations of the largest run the model offers (plus slack for the VAE and the allocator)."""
+    expert_bytes = max(_param_bytes(s, dtype) for s in v.dit_shapes.values())
+    cfg = next(iter(v.dit_configs.values()))
+    largest = max(latent_grid(spec, size, spec.frame_num).tokens for size in spec.sizes)
+    return (expert_bytes, len(v.dits), _param_bytes(_shapes(v.t5_sd), dtype),
+            _param_bytes(_shapes(v.vae_sd), torch.float32), activation_bytes(cfg, largest) + (4 << 30))
+
+
+def resident_bytes(checkpoint: str | Path, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Device bytes a pipeline of `checkpoint` needs to keep everything on the device (the fastest plan; with less
+    free, `load_pipeline` offloads), from the files' headers: what a process holding other pipelines frees before
+    loading it."""
+    root, spec = _resolve(checkpoint)
+    expert, n_experts, t5, vae, activations = _memory_needs(_validate(root, spec), spec, dtype)
+    return expert * n_experts + t5 + vae + activations
+
+
 def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.bfloat16) -> WanPipeline:
     """Load a Wan2.2 pipeline from an official checkpoint folder or a preset name ("tiny").
@@ -283,12 +302,7 @@ def load_pipeline(checkpoint: str | Path, device: str | torch.device = "cpu",
 
     # 2. decide where weights live, from free device memory
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    expert_bytes = max(_param_bytes(s, dtype) for s in v.dit_shapes.values())
-    cfg = next(iter(v.dit_configs.values()))
-    largest = max(latent_grid(spec, size, spec.frame_num).tokens for size in spec.sizes)
-    activations = activation_bytes(cfg, largest) + (4 << 30)   # + slack for the VAE and the allocator
-    memory = plan_memory(free, expert_bytes, len(v.dits), _param_bytes(_shapes(v.t5_sd), dtype),
-                         _param_bytes(_shapes(v.vae_sd), torch.float32), activations)
+    memory = plan_memory(free, *_memory_needs(v, spec, dtype))
     log.info("loading %s from %s on %s (%s): experts %s, text encoder %s", spec.name, root, device, dtype,
              "resident" if memory.experts_resident else "swapped at the boundary",
              "resident" if memory.text_encoder_resident else

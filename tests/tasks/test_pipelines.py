@@ -116,3 +116,27 @@ def test_a_load_that_runs_out_of_memory_evicts_the_least_recently_used_pipeline_
     with pytest.raises(torch.OutOfMemoryError):  # nothing left to evict: the error stands
         engines.pipeline("d", "cuda:7")
     assert engines.held() == [] and engines.loads == 3
+
+
+def test_a_device_short_of_memory_for_the_next_pipeline_evicts_the_least_recently_used_first():
+    """A load adapts to the free memory (it offloads when short), so it rarely runs out: waiting for that would
+    keep an idle pipeline on the card and run the new one offloaded for good. The cache first frees the room the
+    new one needs to stay whole on the device, least recently used first."""
+    room = 100   # device bytes; each pipeline needs 60 to stay whole
+
+    def free(device):
+        return room - 60 * len([k for k in engines.held() if k[1] == device])
+
+    engines = EngineCache(load_pipeline=lambda checkpoint, device, dtype: object(), free_bytes=free,
+                          resident_bytes=lambda checkpoint, dtype: 60)
+    engines.pipeline("a", "cuda:0")
+    engines.pipeline("b", "cuda:0")
+    assert engines.held() == [("b", "cuda:0")]   # "a" went first: 40 free bytes would not hold "b"
+    engines.pipeline("c", "cuda:1")
+    assert engines.held() == [("b", "cuda:0"), ("c", "cuda:1")]  # another device's pipelines stay
+    room = 200
+    engines.pipeline("d", "cuda:0")
+    assert engines.held() == [("b", "cuda:0"), ("c", "cuda:1"), ("d", "cuda:0")]  # room for both
+    room = 50
+    engines.pipeline("e", "cuda:0")   # short even with nothing left to evict: loaded anyway (the load offloads)
+    assert engines.held() == [("c", "cuda:1"), ("e", "cuda:0")] and engines.loads == 5
