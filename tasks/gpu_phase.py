@@ -121,8 +121,7 @@ def run_warm_up(engines: EngineCache, run: RunDescription, cache_dir: str) -> tu
         started = time.perf_counter()
         pipe, _ = engines.tiered(run, cache_dir=cache_dir)
         load_s = time.perf_counter() - started
-        plan = pipe.plan(image=run.image, size=tuple(run.size), frame_num=run.frame_count, steps=run.steps,
-                         shift=run.shift, guide_scale=run.guide_scale, solver=run.solver)
+        plan = pipe.plan(**run.sampling)
         seconds = warm_up(pipe, plan)
     grid = plan.grid
     return seconds, load_s, (f"warmed {run.size}, {run.frame_count} frames, latent grid {grid.height}x{grid.width}, "
@@ -139,9 +138,7 @@ def run_denoise(engines: EngineCache, run: RunDescription, on_step: StepListener
         load_s = time.perf_counter() - started  # ~0 when this process loaded it before
 
         with PowerMeter(pipe.device) as meter:
-            result = pipe.generate(run.prompt, negative_prompt=run.negative_prompt, image=run.image,
-                                   size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
-                                   guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
+            result = pipe.generate(run.prompt, negative_prompt=run.negative_prompt, **run.sampling, decode=False,
                                    callback=_step_listener(handle, on_step), should_cancel=should_cancel)
     engine = engine_record(run, engines, resident, sum(result.step_seconds))
     return _denoised(run, result, handle, load_s, energy_record(meter.reading), engine,
@@ -181,9 +178,7 @@ def run_denoise_rank(engines: EngineCache, run: RunDescription, device: str, ran
         job = init_job_group(rank, world_size, client, timeout=JOB_TIMEOUT)
         try:
             with PowerMeter(pipe.device) as meter:
-                result = run_rank(pipe, job, parallel, run.prompt, run.negative_prompt, image=run.image,
-                                  size=run.size, frame_num=run.frame_count, steps=run.steps, shift=run.shift,
-                                  guide_scale=run.guide_scale, solver=run.solver, seed=run.seed, decode=False,
+                result = run_rank(pipe, job, parallel, run.prompt, run.negative_prompt, **run.sampling, decode=False,
                                   callback=_step_listener(handle, on_step), should_cancel=should_cancel,
                                   warm_up=functools.partial(warm_up, pipe) if _compiles(handle) else None)
         finally:

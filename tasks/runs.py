@@ -46,6 +46,12 @@ class RunDescription:
         return self.allocation.device
 
     @property
+    def sampling(self) -> dict[str, Any]:
+        """The engine's sampling arguments of this run, as `plan`, `generate` and `run_rank` take them."""
+        return dict(image=self.image, size=tuple(self.size), frame_num=self.frame_count, steps=self.steps,
+                    shift=self.shift, guide_scale=self.guide_scale, solver=self.solver, seed=self.seed)
+
+    @property
     def gpus(self) -> int:
         """GPUs the run computes on (a CPU run counts as one device)."""
         return max(len(self.allocation.gpus), 1)
