@@ -131,16 +131,16 @@ def switch_times(pipe: WanPipeline, sets: list[tuple[LoraChoice, ...]], merge: b
         cfg = LoraConfig(sets[i % len(sets)], merge=merge)
         sync(pipe.device)
         started = time.perf_counter()
-        files = {c.path: f for c, f in zip(cfg.loras, read_and_check(pipe, cfg.loras), strict=True)}
+        checked = read_and_check(pipe, cfg.loras)
         read = time.perf_counter()
-        if handle is not None and handle.swap(pipe, cfg, files):
+        if handle is not None and handle.swap(pipe, cfg, checked):
             removed = read
         else:
             if handle is not None:
                 handle.remove()
             sync(pipe.device)
             removed = time.perf_counter()
-            handle = apply_loras(pipe, cfg, files)
+            handle = apply_loras(pipe, cfg, checked)
         sync(pipe.device)
         done = time.perf_counter()
         if i:

@@ -87,12 +87,12 @@ def switch(pipe, sets, merge: bool, rounds: int) -> list[dict]:
             started = time.perf_counter()
             with counter:
                 if phase == "read":
-                    files = {c.path: f for c, f in zip(loras, read_and_check(pipe, loras), strict=True)}
+                    checked = read_and_check(pipe, loras)
                 elif phase == "remove" and handle is not None and not handle.swappable(LoraConfig(loras, merge)):
                     handle.remove()
                     handle = None
-                elif phase == "apply" and (handle is None or not handle.swap(pipe, LoraConfig(loras, merge), files)):
-                    handle = apply_loras(pipe, LoraConfig(loras, merge=merge), files)
+                elif phase == "apply" and (handle is None or not handle.swap(pipe, LoraConfig(loras, merge), checked)):
+                    handle = apply_loras(pipe, LoraConfig(loras, merge=merge), checked)
             rec[phase] = dict(s=time.perf_counter() - started, ops=sum(counter.calls.values()),
                               moves=counter.calls["_to_copy"] + counter.calls["copy_"],
                               moved=counter.moved_bytes, weights=counter.weight_bytes,

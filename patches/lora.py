@@ -71,14 +71,16 @@ class LoraHandle(PatchStack):
         """Whether `swap` may apply: both unmerged, this handle on (its hooks must still match the new targets)."""
         return not self.config.merge and not cfg.merge and self.active and bool(self._terms)
 
-    def swap(self, pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None) -> bool:
+    def swap(self, pipe, cfg: LoraConfig, checked: list[LoraFile] | None = None) -> bool:
         """Switch an unmerged handle to `cfg`'s LoRAs in place when they hook the same modules: the hooks keep
         their place and get the new small tensors, only the few merged non-matmul parameters are redone.
-        Returns False (nothing changed) when that does not apply; then remove and apply instead."""
+        `checked`: `read_and_check(pipe, cfg.loras)` done already. Returns False (nothing changed) when that
+        does not apply; then remove and apply instead."""
         if not self.swappable(cfg):
             return False
-        read = read_and_check(pipe, cfg.loras, files)
-        hooked, merged = _split(pipe, _param_deltas(pipe, cfg.loras, read))
+        read = checked if checked is not None else read_and_check(pipe, cfg.loras)
+        tables = _tables(pipe)
+        hooked, merged = _split(tables, _param_deltas(pipe, cfg.loras, read))
         if hooked.keys() != self._terms.keys():
             return False
         with torch.no_grad():
@@ -86,7 +88,7 @@ class LoraHandle(PatchStack):
             self._merges = PatchStack("lora-merged")
             for key, entries in hooked.items():
                 self._terms[key].set(entries)
-            _merge_all(pipe, merged, self._merges)
+            _merge_all(tables, merged, self._merges)
         self.config, self.files = cfg, read
         self.detail = _detail(cfg, read)
         return True
@@ -103,11 +105,10 @@ def lora_targets(pipe, choice: LoraChoice) -> tuple[str, ...]:
     return _EXPERTS[choice.expert]
 
 
-def read_and_check(pipe, loras: tuple[LoraChoice, ...], files: dict[str, LoraFile] | None = None) -> list[LoraFile]:
+def read_and_check(pipe, loras: tuple[LoraChoice, ...]) -> list[LoraFile]:
     """Every LoRA read (through the process's cache of parsed files: a recent file is not read again) and checked
     against every expert it targets (a LoraError before any change)."""
-    files = files or {}
-    read = [files.get(c.path) or lora_files().read(c.path) for c in loras]
+    read = [lora_files().read(c.path) for c in loras]
     for choice, lora in zip(loras, read, strict=True):
         for name in lora_targets(pipe, choice):
             check_lora(lora, pipe.experts[name], name)
@@ -124,10 +125,15 @@ def _param_deltas(pipe, loras: tuple[LoraChoice, ...], files: list[LoraFile]) ->
     return out
 
 
-def _split(pipe, deltas: dict[tuple[str, str], list]) -> tuple[dict, dict]:
+def _tables(pipe) -> dict[str, tuple[dict, dict]]:
+    """Per expert, its parameters and modules by name: the lookups of one apply go through these (a
+    named_parameters walk per module is slow)."""
+    return {e: (dict(dit.named_parameters()), dict(dit.named_modules())) for e, dit in pipe.experts.items()}
+
+
+def _split(tables: dict[str, tuple[dict, dict]], deltas: dict[tuple[str, str], list]) -> tuple[dict, dict]:
     """The deltas on a Linear (hooked when unmerged) and the others (always merged), each (expert, module) ->
-    entries; the module lookups go through one table per expert (named_parameters per module is slow)."""
-    tables = {e: (dict(dit.named_parameters()), dict(dit.named_modules())) for e, dit in pipe.experts.items()}
+    entries."""
     hooked, merged = {}, {}
     for (expert, module), entries in deltas.items():
         params, modules = tables[expert]
@@ -209,9 +215,8 @@ def _merge(param: nn.Parameter, delta_of: Callable[[], Tensor], stack: PatchStac
     stack.undo_on_remove(undo)
 
 
-def _merge_all(pipe, merged: dict[tuple[str, str], list], stack: PatchStack) -> None:
+def _merge_all(tables: dict[str, tuple[dict, dict]], merged: dict[tuple[str, str], list], stack: PatchStack) -> None:
     """Merge the deltas of `merged` ((expert, module) -> entries) into the weights and biases."""
-    tables = {e: (dict(dit.named_parameters()), dict(dit.named_modules())) for e, dit in pipe.experts.items()}
     for (expert, module), entries in merged.items():
         params, modules = tables[expert]
         weight, bias = (params[module], None) if module in params else (modules[module].weight,
@@ -255,25 +260,27 @@ class _LoraTerm:
         return out + extra.to(out.dtype)
 
 
-def apply_loras(pipe, cfg: LoraConfig, files: dict[str, LoraFile] | None = None) -> LoraHandle:
-    """Apply `cfg.loras` to `pipe`'s experts (see the module docstring); `files`: LoRAs already read, by path."""
-    read = read_and_check(pipe, cfg.loras, files)
+def apply_loras(pipe, cfg: LoraConfig, checked: list[LoraFile] | None = None) -> LoraHandle:
+    """Apply `cfg.loras` to `pipe`'s experts (see the module docstring); `checked`: `read_and_check(pipe,
+    cfg.loras)` done already (a caller that checks before it removes the previous LoRAs)."""
+    read = checked if checked is not None else read_and_check(pipe, cfg.loras)
     handle = LoraHandle(cfg, read)
     try:
-        hooked, merged = _split(pipe, _param_deltas(pipe, cfg.loras, read))
+        tables = _tables(pipe)
+        hooked, merged = _split(tables, _param_deltas(pipe, cfg.loras, read))
         if cfg.merge:
             merged = {**hooked, **merged}
         else:
             with torch.no_grad():
                 for (expert, module), entries in hooked.items():
-                    dit = pipe.experts[expert]
-                    mod = dit.get_submodule(module)
+                    modules = tables[expert][1]
+                    mod = modules[module]
                     term = handle._terms[(expert, module)] = _LoraTerm(mod, entries)
                     handle.undo_on_remove(mod.register_forward_hook(term).remove)
                     if module.endswith(".ffn.0"):
-                        block = dit.get_submodule(module.removesuffix(".ffn.0"))
+                        block = modules[module.removesuffix(".ffn.0")]
                         handle.undo_on_remove(swap_attr(block, "_ffn_gelu_epilogue", block.ffn))
-        _merge_all(pipe, merged, handle._merges)
+        _merge_all(tables, merged, handle._merges)
     except Exception:
         handle.remove()
         raise

@@ -158,9 +158,9 @@ class EngineCache:
         if applied is not None and applied.config == cfg:
             return
         started = time.perf_counter()
-        files = {c.path: f for c, f in zip(loras, read_and_check(pipe, loras), strict=True)}
+        checked = read_and_check(pipe, loras)
         read = time.perf_counter()
-        if applied is not None and loras and applied.swap(pipe, cfg, files):
+        if applied is not None and loras and applied.swap(pipe, cfg, checked):
             removed = read
         else:
             if applied is not None:
@@ -168,7 +168,7 @@ class EngineCache:
                 applied.remove()
             removed = time.perf_counter()
             if loras:
-                self._loras[key] = apply_loras(pipe, cfg, files)
+                self._loras[key] = apply_loras(pipe, cfg, checked)
         if key[1].startswith("cuda"):
             torch.cuda.synchronize(key[1])
         done = time.perf_counter()
