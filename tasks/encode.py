@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,12 @@ class EncodedVideo:
     decode_s: float
     write_s: float
     preview: bytes = b""  # an animated WEBP of the frames (tasks/preview.py); empty: none
+
+
+def _timed(fn, *args):
+    """fn(*args) and the seconds it took."""
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
 
 
 def write_mp4(frames: np.ndarray | torch.Tensor, path: Path, fps: int) -> None:
@@ -88,12 +95,15 @@ def encode(latents: torch.Tensor, run: RunDescription, outputs_dir: str,
     else:
         frames = run_decode(engines or process_engines(), run, latents)  # [F, H, W, 3] uint8
     decoded = time.perf_counter()
-    path = write_staged_mp4(frames, Path(outputs_dir).resolve(), run.fps)
-    written = time.perf_counter()
-    preview = preview_webp(frames, run.fps)
+    # The preview is made beside the MP4 (ffmpeg is a child process, PIL's WEBP encoder runs without the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        previewed = pool.submit(_timed, preview_webp, frames, run.fps)
+        path = write_staged_mp4(frames, Path(outputs_dir).resolve(), run.fps)
+        written = time.perf_counter()
+        preview, preview_s = previewed.result()
     count, height, width = frames.shape[0], frames.shape[1], frames.shape[2]
-    logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s, a %d KB preview in %.2f s",
-                count, width, height, decoded - start, run.fps, written - decoded, len(preview) // 1000,
-                time.perf_counter() - written)
+    logger.info("decoded %d frames %dx%d in %.2f s, encoded H.264 at %d fps in %.2f s, a %d KB preview in %.2f s "
+                "beside it", count, width, height, decoded - start, run.fps, written - decoded, len(preview) // 1000,
+                preview_s)
     return EncodedVideo(path=path, frames=count, width=width, height=height, fps=run.fps,
                         decode_s=decoded - start, write_s=written - decoded, preview=preview)
