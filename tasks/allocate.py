@@ -101,9 +101,13 @@ def job_world_sizes(spec: ModelSpec, checkpoint: str | None, guide_scale: float 
     return usable_world_sizes(max_world, heads, "sequential" if guided else "none")
 
 
+# NVLink multicast (NVLS) stays off on every topology, in every process that may form an NCCL group.
+NCCL_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0"}
+
+
 def gpu_environment(gpus: list[GpuInfo], profile: GpuProfile) -> dict[str, str]:
     """Environment for the engine process on these GPUs: allocator and NCCL settings."""
-    env = {"NCCL_NVLS_ENABLE": "0"}  # NVLink multicast (NVLS) stays off on every topology
+    env = dict(NCCL_ENVIRONMENT)
     ids = {g.index for g in gpus}
     if any(not link.p2p for link in profile.links if link.a in ids and link.b in ids):
         env["NCCL_P2P_DISABLE"] = "1"  # some pair has no peer path: NCCL must not try one

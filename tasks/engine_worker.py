@@ -26,7 +26,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 
-from tasks.allocate import apply_gpu_environment
+from tasks.allocate import NCCL_ENVIRONMENT, apply_gpu_environment
 from tasks.engine_channel import EngineRefused, Job, authkey, peer_pid, receive, send, socket_path
 from tasks.gpu_phase import run_decode, run_denoise, run_denoise_rank, run_warm_up
 from tasks.leases import holder_dir
@@ -193,10 +193,10 @@ def _picklable(exc: Exception) -> Exception:
 
 
 # Set in every engine process before its first NCCL group. NVLink multicast stays off on every topology, as in
-# the runs' own processes (tasks/allocate.py gpu_environment). On a collective that times out NCCL's watchdog
+# the runs' own processes (tasks/allocate.py NCCL_ENVIRONMENT). On a collective that times out NCCL's watchdog
 # would end the whole process (its default, 3); 2 aborts the job's communicators and raises instead, so a
 # long-lived worker fails that job (wan_engine.parallel's JobGroup.reporting) and serves the next one.
-ENGINE_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+ENGINE_ENVIRONMENT = {**NCCL_ENVIRONMENT, "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
 
 
 def main(argv: list[str] | None = None) -> int:
